@@ -90,7 +90,9 @@ def _mean_by_slot(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     sums = torch.zeros(batch * num_slots, channels, dtype=acc_dtype, device=x.device)
     sums = sums.index_add(0, flat, x.reshape(batch * length, channels).to(acc_dtype))
-    counts = torch.bincount(flat, minlength=batch * num_slots).to(acc_dtype)
+    # index_add rather than bincount: a fixed output shape keeps torch.compile graphs whole.
+    counts = torch.zeros(batch * num_slots, dtype=acc_dtype, device=x.device)
+    counts = counts.index_add(0, flat, torch.ones(flat.shape[0], dtype=acc_dtype, device=x.device))
     return (sums / counts.unsqueeze(1)).to(x.dtype).view(batch, num_slots, channels)
 
 
