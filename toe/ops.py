@@ -96,6 +96,15 @@ def _mean_by_slot(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.
     return (sums / counts.unsqueeze(1)).to(x.dtype).view(batch, num_slots, channels)
 
 
+def _closest_of(tokens: torch.Tensor, candidates: torch.Tensor, distance: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For tokens [B, M, C]: distance to, and index of, the closest of candidates [B, c, C] -> ([B, M], [B, M])."""
+    if distance == "cosine":
+        # max of the similarity rather than min of 1 - similarity: one pass less over [B, M, c].
+        similarity, arg = torch.bmm(tokens, candidates.transpose(1, 2)).max(dim=-1)
+        return 1.0 - similarity, arg
+    return pairwise_distance(tokens, candidates, distance).min(dim=-1)
+
+
 @torch.no_grad()
 def select_tokens(patches: torch.Tensor, n0: int, steps: Sequence[int], *, distance: str = "cosine",
                   init: str = "spatial", track_closest: bool = True,
@@ -123,20 +132,15 @@ def select_tokens(patches: torch.Tensor, n0: int, steps: Sequence[int], *, dista
 
     # min_dist[b, i]: distance of token i to its closest kept token (Eq. 4); -inf marks kept tokens so
     # that topk never picks them again. Each step only compares against the tokens it just added.
-    min_dist = torch.empty(batch, num_patches, device=patches.device)
-    closest = torch.empty(batch, num_patches, dtype=torch.long, device=patches.device)
+    min_dist = torch.full((batch, num_patches), float("inf"), device=patches.device)
+    closest = torch.zeros(batch, num_patches, dtype=torch.long, device=patches.device)
     new = kept
     parts = [kept]
     for step, size in enumerate(list(steps) + [None]):
-        d_new, arg = pairwise_distance(feats, _gather_tokens(feats, new), distance).min(dim=-1)
-        arg = new.gather(1, arg)
-        if step == 0:
-            min_dist.copy_(d_new)
-            closest.copy_(arg)
-        else:
-            closer = d_new < min_dist
-            min_dist = torch.where(closer, d_new, min_dist)
-            closest = torch.where(closer, arg, closest)
+        d_new, arg = _closest_of(feats, _gather_tokens(feats, new), distance)
+        closer = d_new < min_dist
+        min_dist = torch.where(closer, d_new, min_dist)
+        closest = torch.where(closer, new.gather(1, arg), closest)
         min_dist.scatter_(1, new, float("-inf"))
         closest.scatter_(1, new, new)
         if size is None:
