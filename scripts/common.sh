@@ -1,0 +1,280 @@
+# shellcheck shell=bash
+# Shared launcher for the scripts/table*.sh reproduction scripts. Source it; do not run it.
+#
+# Environment (every table script):
+#   DATA               data root: ImageNet (train/ val/) for Tables 2,3,6-9; the CIFAR root for Table 5.
+#                      Required, except with DRY_RUN=1 (placeholder) and SMOKE=1 (synthetic data).
+#   OUT                output root (default ./runs); run <name> of table <t> writes OUT/table<t>/<name>/.
+#   NGPUS              GPUs per node (default 4).      NNODES      nodes (default 1).
+#   NODE_RANK          this node's rank (default 0).   MASTER_ADDR rendezvous host (default 127.0.0.1).
+#   MASTER_PORT        rendezvous port (default 29500).
+#   MAX_BATCH_PER_GPU  largest per-GPU micro-batch (default 256). The paper's global batch (1024) is kept:
+#                      per-GPU batch = 1024 / (NGPUS x NNODES), split into --grad-accum-steps micro-batches
+#                      when it exceeds MAX_BATCH_PER_GPU.
+#   AMP                --amp of every run (default fp16: DeiT and LV-ViT trained with fp16 autocast;
+#                      bf16 is the safer choice on A100/H100).
+#   WORKERS            data-loader workers per GPU (default 10, DeiT's).
+#   ONLY               bash regex; only runs whose "table<t>/<name>" matches are launched.
+#   PYTHON             python interpreter (default python).  TORCHRUN  launcher (default torchrun).
+# Modes:
+#   DRY_RUN=1  print every command (shell-quoted, one per line) and run nothing.
+#   SMOKE=1    run every command for one epoch on CPU with a tiny model (img 32, patch 4, depth 4, dim 32),
+#              on FAKE images (or tiny self-made CIFAR / ImageFolder + label maps where the table needs
+#              them), all in one python process per script: proves every flag parses and runs.
+# A run whose log.txt already holds its last epoch is skipped (single node), so a script can be re-run to
+# resume; an interrupted run resumes from its checkpoint.pth (main.py's --resume auto).
+# Runs shared by several tables (e.g. DeiT-tiny ToE r1=0.5 is Table 2's row, Table 6's default, Table 7's
+# first row, Table 8's layer 1 and Table 9's cosine) always write to the same folder, so they train once.
+
+set -euo pipefail
+
+TOE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export TOE_REPO
+
+die() { echo "error: $*" >&2; exit 2; }
+_show() { local s; s=$(printf '%q ' "$@"); printf '%s\n' "${s% }"; }  # one shell-quoted command line
+
+DRY_RUN="${DRY_RUN:-0}"
+SMOKE="${SMOKE:-0}"
+NGPUS="${NGPUS:-4}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+MAX_BATCH_PER_GPU="${MAX_BATCH_PER_GPU:-256}"
+AMP="${AMP:-fp16}"
+WORKERS="${WORKERS:-10}"
+ONLY="${ONLY:-}"
+PYTHON="${PYTHON:-python}"
+TORCHRUN="${TORCHRUN:-torchrun}"
+OUT="${OUT:-runs}"
+
+for _v in NGPUS NNODES MAX_BATCH_PER_GPU MASTER_PORT; do
+    [[ "${!_v}" =~ ^[0-9]+$ && "${!_v}" -ge 1 ]] || die "$_v must be a positive integer, got '${!_v}'"
+done
+[[ "$WORKERS" =~ ^[0-9]+$ ]] || die "WORKERS must be an integer >= 0, got '$WORKERS'"
+[[ "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt "$NNODES" ]] || die "NODE_RANK must be in [0, NNODES-1], got '$NODE_RANK'"
+[[ "$DRY_RUN" == 0 || "$DRY_RUN" == 1 ]] || die "DRY_RUN must be 0 or 1, got '$DRY_RUN'"
+[[ "$SMOKE" == 0 || "$SMOKE" == 1 ]] || die "SMOKE must be 0 or 1, got '$SMOKE'"
+case "$AMP" in fp16|bf16|none) ;; *) die "AMP must be fp16, bf16 or none, got '$AMP'" ;; esac
+
+_abspath() { if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$PWD" "$1"; fi; }
+OUT="$(_abspath "$OUT")"
+
+# DATA: required for real runs; DRY_RUN shows a placeholder, SMOKE makes its own data.
+require_data() {  # $1: placeholder shown by DRY_RUN, $2: what DATA must hold
+    if [[ -n "${DATA:-}" ]]; then
+        DATA="$(_abspath "$DATA")"
+        if [[ "$DRY_RUN" == 0 && "$SMOKE" == 0 && ! -d "$DATA" ]]; then die "DATA=$DATA is not a folder"; fi
+    elif [[ "$DRY_RUN" == 1 || "$SMOKE" == 1 ]]; then
+        DATA="$1"
+    else
+        die "set DATA to $2"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------- batch
+# batch_split GLOBAL -> BATCH_PER_GPU, ACCUM_STEPS with BATCH_PER_GPU x ACCUM_STEPS x NGPUS x NNODES = GLOBAL
+batch_split() {
+    local global="$1" world=$((NGPUS * NNODES)) per accum
+    (( global % world == 0 )) || die "global batch $global is not divisible by NGPUS x NNODES = $world"
+    per=$((global / world))
+    for ((accum = 1; accum <= per; accum++)); do
+        if (( per % accum == 0 && per / accum <= MAX_BATCH_PER_GPU )); then
+            BATCH_PER_GPU=$((per / accum)); ACCUM_STEPS=$accum; return 0
+        fi
+    done
+    die "cannot split global batch $global over $world GPUs"
+}
+
+# ---------------------------------------------------------------------------------------------- smoke
+SMOKE_QUEUE=""
+SMOKE_MODEL_KWARGS="depth=4 embed_dim=32 num_heads=2"
+SMOKE_DATA_ARGS=(--data-set FAKE --fake-size 32 --nb-classes 10)  # a table may replace (own data)
+if [[ "$SMOKE" == 1 ]]; then
+    SMOKE_QUEUE="$(mktemp -d "${TMPDIR:-/tmp}/toe_smoke.XXXXXX")"
+    trap 'rm -rf "$SMOKE_QUEUE"' EXIT
+fi
+
+# smoke_overrides: appended after the paper's flags (argparse keeps the last value of a flag).
+smoke_overrides() {
+    SMOKE_ARGS=(--device cpu --amp none --epochs 1 --toe-epochs 4 --input-size 32 --patch-size 4
+                --model-kwargs $SMOKE_MODEL_KWARGS --warmup-epochs 0 --num_workers 0 --print-freq 1000
+                "${SMOKE_DATA_ARGS[@]}")
+}
+
+_queue() {  # _queue KIND NAME ARGS... : one NUL-separated entry per command, run in order by smoke_flush
+    local n
+    n=$(find "$SMOKE_QUEUE" -name '*.cmd' | wc -l)
+    printf '%s\0' "$@" > "$SMOKE_QUEUE/$(printf '%05d' "$n").cmd"
+}
+
+# run_script NAME SCRIPT ARGS... : a helper python script (e.g. scripts/generate_label.py), run from the
+# repository root (queued with the training runs under SMOKE=1)
+run_script() {
+    local name="$1"; shift
+    if [[ "$DRY_RUN" == 1 ]]; then _show "$PYTHON" "$@"; return 0; fi
+    if [[ "$SMOKE" == 1 ]]; then
+        printf '[smoke] %s: ' "$name"; _show python "$@"
+        _queue script "$name" "$@"; return 0
+    fi
+    (cd "$TOE_REPO" && "$PYTHON" "$@")
+}
+
+# smoke_flush: run the queued commands in one python process (one torch import for the whole script).
+smoke_flush() {
+    [[ "$SMOKE" == 1 ]] || return 0
+    (cd "$TOE_REPO" && "$PYTHON" - "$SMOKE_QUEUE" <<'PY'
+import os, runpy, sys, time, traceback
+queue = sys.argv[1]
+sys.path.insert(0, os.getcwd())
+import main  # noqa: E402  (the training entry, imported once)
+failed = 0
+for entry in sorted(f for f in os.listdir(queue) if f.endswith(".cmd")):
+    with open(os.path.join(queue, entry), "rb") as f:
+        fields = f.read().decode().split("\0")[:-1]
+    kind, name, argv = fields[0], fields[1], fields[2:]
+    start = time.time()
+    try:
+        if kind == "main":
+            sys.argv = ["main.py"] + argv
+            rc = main.main(argv)
+        else:
+            sys.argv = list(argv)
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+                rc = 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        traceback.print_exc()
+        rc = 1
+    print(f"[smoke] {name}: exit {rc} in {time.time() - start:.1f}s", flush=True)
+    if rc:
+        failed = rc
+        break
+sys.exit(failed)
+PY
+    )
+}
+
+# smoke data makers (numpy + PIL only; fast)
+smoke_make_imagefolder() {  # DIR CLASSES TRAIN_PER_CLASS VAL_PER_CLASS SIZE
+    "$PYTHON" - "$@" <<'PY'
+import os, sys
+import numpy as np
+from PIL import Image
+root, classes, ntrain, nval, size = sys.argv[1], *map(int, sys.argv[2:])
+rng = np.random.default_rng(0)
+for split, n in (("train", ntrain), ("val", nval)):
+    for c in range(classes):
+        d = os.path.join(root, split, f"class{c}")
+        os.makedirs(d, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            img[..., c % 3] = 64 * (c + 1) % 256  # class-dependent colour
+            Image.fromarray(img).save(os.path.join(d, f"img{i}.png"))
+PY
+}
+
+smoke_make_cifar() {  # ROOT: tiny CIFAR-10 and CIFAR-100 in torchvision's python layout
+    "$PYTHON" - "$1" <<'PY'
+import os, pickle, sys
+import numpy as np
+root = sys.argv[1]
+rng = np.random.default_rng(0)
+def dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+for folder, files, meta, key, labels, n_cls in (
+        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "batches.meta",
+         "label_names", "labels", 10),
+        ("cifar-100-python", ["train", "test"], "meta", "fine_label_names", "fine_labels", 100)):
+    d = os.path.join(root, folder)
+    os.makedirs(d, exist_ok=True)
+    for name in files:
+        n = 16 if "test" in name else 32 // (len(files) - 1)
+        dump(os.path.join(d, name), {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                     labels: [int(x) for x in rng.integers(0, n_cls, n)]})
+    dump(os.path.join(d, meta), {key: [f"c{i}" for i in range(n_cls)]})
+PY
+}
+
+# ---------------------------------------------------------------------------------------------- launch
+# launch TABLE NAME GLOBAL_BATCH ARGS... : one training run of main.py into OUT/TABLE/NAME.
+launch() {
+    local table="$1" name="$2" global="$3"; shift 3
+    local dir="$OUT/$table/$name" epochs=300 i args=("$@")
+    if [[ -n "$ONLY" && ! "$table/$name" =~ $ONLY ]]; then return 0; fi
+    for ((i = 0; i < ${#args[@]} - 1; i++)); do
+        if [[ "${args[$i]}" == --epochs ]]; then epochs="${args[$((i + 1))]}"; fi
+    done
+    if [[ "$SMOKE" == 1 ]]; then
+        epochs=1
+        smoke_overrides
+        args+=("${SMOKE_ARGS[@]}" --batch-size 8 --grad-accum-steps 1 --output_dir "$dir")
+    else
+        batch_split "$global"
+        args+=(--batch-size "$BATCH_PER_GPU" --grad-accum-steps "$ACCUM_STEPS" --output_dir "$dir")
+    fi
+    if [[ "$DRY_RUN" == 0 && "$NNODES" == 1 && -f "$dir/log.txt" ]] \
+            && grep -q "\"epoch\": $((epochs - 1))[,}]" "$dir/log.txt"; then
+        echo "# $table/$name: complete ($epochs epochs in $dir/log.txt), skipped"
+        return 0
+    fi
+    if [[ "$SMOKE" == 1 ]]; then
+        printf '[smoke] %s/%s: ' "$table" "$name"; _show python main.py "${args[@]}"
+        mkdir -p "$dir"
+        _queue main "$table/$name" "${args[@]}"
+        return 0
+    fi
+    local cmd=("$TORCHRUN" --nproc_per_node "$NGPUS" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+               --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" main.py "${args[@]}")
+    if [[ "$DRY_RUN" == 1 ]]; then _show "${cmd[@]}"; return 0; fi
+    mkdir -p "$dir"
+    _show "${cmd[@]}" > "$dir/command.sh"
+    echo "# $table/$name -> $dir"
+    (cd "$TOE_REPO" && "${cmd[@]}")
+}
+
+# ---------------------------------------------------------------------------------------------- recipes
+# DeiT's ImageNet recipe (Touvron et al. 2021, the official repo's defaults), every flag spelled out:
+# 300 epochs, AdamW lr 5e-4 per 512 images (main.py scales it: 5e-4 x 1024/512 = 1e-3 at batch 1024),
+# wd 0.05, cosine, 5 warm-up epochs from 1e-6, min lr 1e-5, label smoothing 0.1, drop path 0.1,
+# RandAugment m9, colour jitter 0.3, random erasing 0.25, mixup 0.8 / cutmix 1.0, repeated augmentation
+# (3 repeats), EMA kept with decay 0.99996 (DeiT's default; the reported top-1 is the model's own, not EMA's).
+deit_imagenet_args() {
+    DEIT_ARGS=(--data-set IMNET --data-path "$DATA" --input-size 224 --epochs 300
+               --opt adamw --opt-eps 1e-8 --weight-decay 0.05 --momentum 0.9
+               --sched cosine --lr 5e-4 --warmup-lr 1e-6 --min-lr 1e-5 --warmup-epochs 5 --cooldown-epochs 10
+               --decay-rate 0.1 --drop 0.0 --drop-path 0.1
+               --color-jitter 0.3 --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --train-interpolation bicubic
+               --reprob 0.25 --remode pixel --recount 1 --repeated-aug --ra-reps 3
+               --mixup 0.8 --cutmix 1.0 --mixup-prob 1.0 --mixup-switch-prob 0.5 --mixup-mode batch
+               --distillation-type none --model-ema --model-ema-decay 0.99996
+               --eval-crop-ratio 0.875 --dist-eval --amp "$AMP" --num_workers "$WORKERS" --pin-mem --seed 0)
+}
+
+# toe_args R1 [flag value ...]: the paper's ToE defaults (r0 = r1/2, Ng 3, k 2, block 1, cosine, spatial
+# init, expansion and merging on), each spelled out; later flags override.
+toe_args() {
+    local r1="$1"; shift
+    local r0
+    r0=$(awk -v r="$r1" 'BEGIN { printf "%.8g", r / 2 }')
+    TOE_ARGS=(--toe-r1 "$r1" --toe-r0 "$r0" --toe-ng 3 --toe-k 2 --toe-layer 1 --toe-distance cosine
+              --toe-init spatial "$@")
+}
+
+# DeiT on ImageNet at global batch 1024: deit_run TABLE NAME MODEL [extra flags...]
+deit_run() {
+    local table="$1" name="$2" model="$3"; shift 3
+    deit_imagenet_args
+    launch "$table" "$name" 1024 --model "$model" "${DEIT_ARGS[@]}" "$@"
+}
+
+# The runs that several tables share, always in OUT/table2 (trained once, skipped when complete).
+deit_baseline() { deit_run table2 "deit_$1_baseline" "deit_$1_patch16_224"; }
+deit_toe_default() {  # deit_toe_default SIZE R1
+    toe_args "$2"
+    deit_run table2 "deit_$1_toe_r1_$2" "deit_$1_patch16_224" "${TOE_ARGS[@]}"
+}
