@@ -236,7 +236,14 @@ def create_model(name: str, num_classes: int, input_size: int, extra: Dict[str, 
     if "img_size" not in kw and (default is None or tuple(default)[-1] != input_size):
         kw["img_size"] = input_size
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        except TypeError as e:
+            if "img_size" not in str(e) or "img_size" in extra:
+                raise
+            # convolutional models take any resolution and have no img_size argument
+            kw.pop("img_size")
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
     except TypeError as e:
         raise UsageError(f"model {name} does not accept these options ({', '.join(sorted(kw))}): {e}") from None
 
@@ -695,6 +702,7 @@ def run(args: argparse.Namespace, v: Dict[str, Any]) -> int:
             "toe_tokens": tokens, "num_patches": num_patches,
             "epoch_time": train_stats["epoch_time"], "train_img_per_s": train_stats["img_per_s"],
             "test_acc1": test_stats["acc1"], "test_acc5": test_stats["acc5"], "test_loss": test_stats["loss"],
+            "test_images": test_stats["n"],
         }
         if ema_stats is not None:
             row["ema_test_acc1"] = ema_stats["acc1"]

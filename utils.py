@@ -335,7 +335,8 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip/unsafe-global errors all mean "not a usable checkpoint"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first[:200]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (not a torch.save file, truncated, or holding "
+                              f"objects other than tensors and plain data): {first[:200]}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"cannot read checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
     return ckpt

@@ -1,0 +1,197 @@
+"""End-to-end runs of main.py: ToE schedule in log.txt, checkpoints, --eval, kill -9 + resume (bitwise),
+torchrun with 2 gloo ranks and exact --dist-eval, CIFAR fine-tuning, distillation/bf16/EMA/mixup paths."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (E2E, ROOT, TINY, child_env, last_json, main_inprocess, read_log, run_main,
+                      write_cifar)
+
+LOG_KEYS = {"train_loss", "train_lr", "toe_stage", "toe_keep_rate", "toe_tokens", "epoch_time", "train_img_per_s",
+            "test_acc1", "test_acc5", "test_loss", "ema_test_acc1", "n_parameters", "gflops_per_iter", "epoch",
+            "skipped_images"}
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_state_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def test_e2e_toe_schedule_checkpoints_and_eval(e2e_run):
+    out: Path = e2e_run["out"]
+    rows = read_log(out / "log.txt")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert LOG_KEYS <= r.keys(), LOG_KEYS - r.keys()
+    # ng=3, r1=0.5: one stage per epoch, keep rate 0.5 -> 0.75 -> 1.0 (the last stage trains on every token)
+    assert [r["toe_stage"] for r in rows] == [1, 2, 3]
+    assert [r["toe_keep_rate"] for r in rows] == [0.5, 0.75, 1.0]
+    # tokens measured from the last training forward: floor(r * 64) of the 8x8 patches
+    assert [r["toe_tokens"] for r in rows] == [32, 48, 64]
+    g = [r["gflops_per_iter"] for r in rows]
+    assert g[0] < g[1] < g[2], g
+    assert rows[0]["n_parameters"] == 158090
+    # training learns the synthetic classes (10 classes: chance is 10%)
+    assert rows[-1]["test_acc1"] > 30.0, rows[-1]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+    ckpt = _load(out / "checkpoint.pth")
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "rng", "args"} <= ckpt.keys()
+    assert ckpt["epoch"] == 2 and isinstance(ckpt["args"], dict) and ckpt["args"]["toe_r1"] == 0.5
+    assert {"torch", "numpy", "python"} <= ckpt["rng"].keys()
+    best = _load(out / "best_checkpoint.pth")
+    best_epoch = max(rows, key=lambda r: r["test_acc1"])["epoch"]
+    assert best["epoch"] == min(r["epoch"] for r in rows if r["test_acc1"] == rows[best_epoch]["test_acc1"])
+    assert list((out / "tb").glob("events.out.tfevents.*")), "no tensorboard events"
+    assert not list(out.glob(".*.tmp")), "temporary checkpoint files left behind"
+
+    # --eval of the final checkpoint reproduces the logged accuracy of the last epoch
+    code, stdout, err = main_inprocess(E2E + ["--eval", "--resume", str(out / "checkpoint.pth")])
+    assert code == 0, err
+    res = last_json(stdout)
+    assert res["test_acc1"] == rows[-1]["test_acc1"]
+    assert res["test_acc5"] == rows[-1]["test_acc5"]
+    assert res["ema_test_acc1"] == rows[-1]["ema_test_acc1"]
+    assert abs(res["test_loss"] - rows[-1]["test_loss"]) < 1e-5
+
+
+def test_kill9_mid_epoch_then_resume_is_bitwise_identical(e2e_run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "main.py")] + E2E + ["--output_dir", str(out), "--print-freq", "1"]
+    stdout_path = tmp_path / "stdout.txt"
+    with open(stdout_path, "w") as so:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=so, stderr=subprocess.STDOUT)
+        # poll until epoch 1 is under way (epoch 0's checkpoint exists), then kill -9 mid-epoch
+        deadline = time.time() + 240
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if re.search(r"Epoch: \[1\] \[ ?[2-6]/10\]", stdout_path.read_text()):
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "run finished before it could be killed:\n" + stdout_path.read_text()[-2000:]
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert _load(out / "checkpoint.pth")["epoch"] == 0
+    assert [r["epoch"] for r in read_log(out / "log.txt")] == [0]
+
+    again = run_main(E2E + ["--output_dir", str(out)])  # same command: --resume auto
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+
+    ref, got = _load(e2e_run["out"] / "checkpoint.pth"), _load(out / "checkpoint.pth")
+    _assert_state_equal(ref["model"], got["model"], "model")
+    _assert_state_equal(ref["model_ema"], got["model_ema"], "model_ema")
+    for sa, sb in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+        _assert_state_equal(sa, sb, "optimizer state")
+    rows_ref, rows = read_log(e2e_run["out"] / "log.txt"), read_log(out / "log.txt")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for a, b in zip(rows_ref, rows):
+        for k in ("train_loss", "test_acc1", "test_loss", "toe_tokens", "ema_test_acc1"):
+            assert a[k] == b[k], (k, a, b)
+
+
+def test_torchrun_two_ranks_rank0_writes_and_dist_eval_is_exact(tmp_path):
+    out = tmp_path / "ddp"
+    # 225 training images -> 45 validation images: 23 + 22 over two ranks, which a padded sampler would
+    # round up to 46 with a duplicate
+    args = TINY + ["--data-set", "FAKE", "--fake-size", "225", "--batch-size", "16", "--epochs", "2",
+                   "--toe-r1", "0.5", "--toe-ng", "2", "--no-model-ema", "--dist-eval", "--output_dir", str(out)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + os.getpid() % 1000)]
+    proc = run_main(args, launcher=launcher, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "distributed init (rank 0/2, backend gloo" in text
+    assert "distributed init (rank 1/2, backend gloo" in text
+    # only rank 0 writes: one log line per epoch, one tensorboard file, no other files
+    rows = read_log(out / "log.txt")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["toe_keep_rate"] for r in rows] == [0.5, 1.0]
+    assert rows[-1]["test_images"] == 45
+    assert sorted(p.name for p in out.iterdir()) == ["best_checkpoint.pth", "checkpoint.pth", "log.txt", "tb"]
+    assert len(list((out / "tb").iterdir())) == 1
+
+    single = [a for a in args if a != "--dist-eval"]
+    code, stdout, err = main_inprocess(single + ["--eval", "--resume", str(out / "checkpoint.pth")])
+    assert code == 0, err
+    res = last_json(stdout)
+    assert res["n"] == 45
+    assert res["test_acc1"] == rows[-1]["test_acc1"] and res["test_acc5"] == rows[-1]["test_acc5"]
+    assert abs(res["test_loss"] - rows[-1]["test_loss"]) < 1e-5
+
+
+def _teacher(path: Path, num_classes: int) -> Path:
+    import timm
+
+    torch.manual_seed(0)
+    t = timm.create_model("resnet10t", num_classes=num_classes)
+    torch.save({"model": t.state_dict()}, path)
+    return path
+
+
+def test_cifar10_distilled_student_hard_distillation_bf16_accum(tmp_path):
+    # 5 files x 12 images = 60 -> 3 micro-batches of 16 (bf16 is slow on CPUs without bf16 units)
+    root = write_cifar(tmp_path / "c10", "CIFAR10", n_train=60, n_test=40)
+    teacher = _teacher(tmp_path / "teacher10.pth", 10)
+    out = tmp_path / "run10"
+    args = TINY + ["--model", "deit_tiny_distilled_patch16_224", "--data-set", "CIFAR10", "--data-path", str(root),
+                   "--batch-size", "16", "--epochs", "1", "--toe-r1", "0.5", "--toe-ng", "2", "--toe-epochs", "2",
+                   "--distillation-type", "hard", "--teacher-model", "resnet10t", "--teacher-path", str(teacher),
+                   "--amp", "bf16", "--grad-accum-steps", "2", "--grad-checkpointing", "--output_dir", str(out)]
+    code, stdout, err = main_inprocess(args)
+    assert code == 0, err
+    (row,) = read_log(out / "log.txt")
+    assert row["test_images"] == 40
+    assert row["toe_tokens"] == 32  # ToE ran on the 2-prefix-token distilled model
+    assert "ema_test_acc1" in row  # EMA on by default (DeiT)
+    # 3 micro-batches with --grad-accum-steps 2 -> 2 optimizer steps (the last group is shorter)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    assert steps == {2}
+
+
+def test_cifar100_finetune_new_head_and_pos_embed_soft_distillation(e2e_run, tmp_path):
+    root = write_cifar(tmp_path / "c100", "CIFAR100", n_train=160, n_test=40)
+    teacher = _teacher(tmp_path / "teacher100.pth", 100)
+    src = e2e_run["out"] / "checkpoint.pth"  # 10 classes, 32 px -> 8x8 grid
+    out = tmp_path / "ft"
+    args = TINY + ["--input-size", "48", "--data-set", "CIFAR100", "--data-path", str(root), "--batch-size", "16",
+                   "--epochs", "1", "--finetune", str(src), "--attn-only", "--bce-loss",
+                   "--distillation-type", "soft", "--teacher-model", "resnet10t", "--teacher-path", str(teacher),
+                   "--no-repeated-aug", "--output_dir", str(out)]
+    code, stdout, err = main_inprocess(args)
+    assert code == 0, err
+    assert "pos_embed interpolated" in stdout and "head.weight" in stdout
+    got = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    ref = torch.load(src, weights_only=True)["model"]
+    assert got["head.weight"].shape == (100, 64)
+    assert got["pos_embed"].shape == (1, 1 + 12 * 12, 64)
+    # --attn-only froze the MLPs: they are still exactly the fine-tuned checkpoint's weights
+    assert torch.equal(got["blocks.1.mlp.fc1.weight"], ref["blocks.1.mlp.fc1.weight"])
+    assert not torch.equal(got["blocks.1.attn.qkv.weight"], ref["blocks.1.attn.qkv.weight"])
+    (row,) = read_log(out / "log.txt")
+    assert row["n_parameters"] < sum(v.numel() for k, v in got.items())
+
+
+def test_throughput_mode():
+    code, stdout, err = main_inprocess(TINY + ["--data-set", "FAKE", "--batch-size", "8", "--throughput",
+                                               "--toe-r1", "0.5", "--epochs", "3"])
+    assert code == 0, err
+    res = last_json(stdout)
+    assert res["eval_img_per_s"] > 0 and res["train_img_per_s"] > 0 and res["toe_keep_rate"] == 0.5
