@@ -50,7 +50,7 @@ from models.lvvit import LVViTDenseOutput, spread_to_positions  # noqa: F401  (r
 __all__ = [
     "load_label_map", "label_path_for", "topk_to_dense", "dense_to_topk", "crop_dense_map",
     "affine_dense_map", "spatial_op_matrix", "SPATIAL_OPS", "LabelAwareRandAugment",
-    "TokenLabelTransform", "TokenLabelImageFolder", "build_token_label_dataset",
+    "TokenLabelTransform", "TokenLabelImageFolder", "SyntheticTokenLabels", "build_token_label_dataset",
     "build_token_label_dataset_from_args", "dense_targets", "mixtoken_lam", "TokenLabelCrossEntropy",
     "TokenLabelCriterion", "spread_to_positions",
 ]
@@ -326,6 +326,42 @@ class TokenLabelImageFolder(tv_datasets.ImageFolder):
         if self.joint_transform is not None:
             img, label_map = self.joint_transform(img, label_map, target)
         return img, (target, label_map)
+
+
+class SyntheticTokenLabels(torch.utils.data.Dataset):
+    """Wrap a (image, class index) dataset with deterministic synthetic label maps, for smoke tests and
+    throughput runs without a label set (e.g. ``--data-set FAKE --token-label``).
+
+    Item i: (image, (target, map [2, k, S, S])) where the map's top-1 class is the image class at every
+    location (logit 2 + noise) and the other k - 1 entries are other classes with lower logits; the noise
+    depends only on (seed, i). No spatial augmentation is applied to the map.
+    """
+
+    def __init__(self, dataset: Any, num_classes: int, label_size: int = 14, k: int = 5, seed: int = 0) -> None:
+        if num_classes < 1 or label_size < 1 or k < 1:
+            raise ValueError("num_classes, label_size and k must be >= 1")
+        self.dataset = dataset
+        self.num_classes = num_classes
+        self.label_size = label_size
+        self.k = min(k, num_classes)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[Any, Tuple[int, torch.Tensor]]:
+        img, target = self.dataset[index]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        s, k, c = self.label_size, self.k, self.num_classes
+        # other classes: a random offset per location, so the k - 1 entries differ from target and each other
+        offs = torch.stack([torch.randperm(c - 1, generator=g)[:k - 1] + 1 for _ in range(s * s)]) \
+            if k > 1 else torch.zeros(s * s, 0, dtype=torch.long)
+        idx = torch.cat([torch.zeros(s * s, 1, dtype=torch.long), offs], 1)
+        idx = (idx + int(target)) % c
+        logits = torch.randn(s * s, k, generator=g) * 0.5 - torch.arange(k, dtype=torch.float32)
+        logits[:, 0] += 2.0
+        m = torch.stack([logits.T.reshape(k, s, s), idx.T.reshape(k, s, s).float()])
+        return img, (int(target), m)
 
 
 def build_token_label_dataset(root: str, label_root: str, input_size: int = 224, label_size: int = 14, *,

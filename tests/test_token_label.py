@@ -318,6 +318,18 @@ def test_generated_label_set_round_trips_through_dataset(tmp_path):
         tl.TokenLabelTransform(auto_augment="augmix-m5")
 
 
+def test_synthetic_token_labels_wrapper():
+    base = [(torch.zeros(3, 8, 8), i % 3) for i in range(5)]
+    ds = tl.SyntheticTokenLabels(base, num_classes=3, label_size=4, k=5, seed=1)
+    img, (y, m) = ds[4]
+    assert y == 1 and m.shape == (2, 3, 4, 4)  # k capped at the number of classes
+    assert (m[1, 0] == 1).all() and (m[0, 0] > m[0, 1:]).all()  # image class is top-1 everywhere
+    assert torch.equal(m[1].sort(0).values, torch.arange(3.0)[:, None, None].expand(3, 4, 4))
+    assert torch.equal(ds[4][1][1], m) and not torch.equal(ds[3][1][1][0], m[0])  # deterministic per index
+    x, (yy, mm) = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
+    assert yy.tolist() == [0, 1, 2, 0, 1] and mm.shape == (5, 2, 3, 4, 4)
+
+
 def _synthetic_label_set(root, label_root, classes, per_class, side, s, k, seed=0):
     _image_folder(root, classes, per_class, side, seed)
     g = torch.Generator().manual_seed(seed)
