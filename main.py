@@ -268,12 +268,6 @@ def validate_args(args: argparse.Namespace) -> Dict[str, Any]:
     Returns {'schedule', 'resume_path', 'resume_ckpt', 'finetune_ckpt', 'teacher_ckpt'} so checkpoints are
     read only once.
     """
-    import timm
-    import torch
-
-    import models  # noqa: F401  (registers this repository's models in timm)
-    import utils
-
     positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--grad-accum-steps": args.grad_accum_steps,
                 "--input-size": args.input_size, "--print-freq": args.print_freq, "--fake-size": args.fake_size,
                 "--nb-classes": args.nb_classes, "--ra-reps": args.ra_reps}
@@ -299,6 +293,13 @@ def validate_args(args: argparse.Namespace) -> Dict[str, Any]:
         raise UsageError(f"--toe-layer must be >= 0, got {args.toe_layer}")
 
     schedule = build_schedule(args)
+
+    # flag-only checks above need no timm: bad flags fail fast
+    import timm
+    import torch
+
+    import models  # noqa: F401  (registers this repository's models in timm)
+    import utils
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -452,8 +452,10 @@ def adapt_state_dict_for_finetune(state: Dict[str, torch.Tensor], model: torch.n
         if side * side != old_n or old_n <= 0:
             raise CheckpointError(f"incompatible --finetune checkpoint: pos_embed of {old.shape[1]} tokens "
                                   f"is not {num_prefix} prefix + a square grid")
+        # bicubic without antialiasing, as DeiT fine-tunes (timm's default would antialias)
         state["pos_embed"] = resample_abs_pos_embed(old, new_size=list(grid), old_size=[side, side],
-                                                    num_prefix_tokens=num_prefix)
+                                                    num_prefix_tokens=num_prefix, interpolation="bicubic",
+                                                    antialias=False)
         resampled = True
 
     missing = [k for k in target if k not in state and k not in dropped]
