@@ -452,15 +452,12 @@ def build_table(tid: str, runs: List[Run], use_flops: bool) -> Dict[str, Any]:
                      "+".join(_runs(c) for c in all_cells)]
             out_rows.append(line)
     elif layout == "list":
-        has_flops = any("gflops" in r["paper"] for r in spec["rows"])
-        header = ["Setting", "Top-1 (%)", "paper"] + (["GFLOPs/iter", "paper"] if has_flops else []) + \
-                 ["GPU hours", "paper", "runs"]
+        header = ["Setting", "Top-1 (%)", "paper", "GFLOPs/iter", "paper", "GPU hours", "paper", "runs"]
         for row in spec["rows"]:
             cell = _cell(runs, row["match"], metric, use_flops)
             p = row["paper"]
             line = [row["label"], _top1(cell, delta=False), _paper_top1(p.get("top1"))]
-            if has_flops:
-                line += [_sci(cell.gflops), _sci(p.get("gflops"), paper=True)]
+            line += [_sci(cell.gflops), _sci(p.get("gflops"), paper=True)]
             line += [_hours(cell.gpu_hours), _f(p.get("gpu_hours"), "{:.1f}h"), _runs(cell)]
             out_rows.append(line)
             cells_json[row["label"]] = _cell_json(cell)
