@@ -124,16 +124,24 @@ def build_transform(is_train: bool, args: Any) -> Callable:
         aa = getattr(args, "aa", DEFAULT_AA)  # an explicit None (or 'none') disables auto-augment
         if isinstance(aa, str) and aa.strip().lower() in ("", "none"):
             aa = None
-        tf = create_transform(
-            input_size=size,
-            is_training=True,
-            color_jitter=_opt(args, "color_jitter", 0.3),
-            auto_augment=aa,
-            interpolation=_opt(args, "train_interpolation", "bicubic"),
-            re_prob=float(_opt(args, "reprob", 0.25)),
-            re_mode=_opt(args, "remode", "pixel"),
-            re_count=int(_opt(args, "recount", 1)),
-        )
+        remode = str(_opt(args, "remode", "pixel"))
+        if remode.lower() not in ("pixel", "rand", "const"):
+            raise DataError(f"--remode must be pixel, rand or const, got '{remode}'")
+        interpolation = _opt(args, "train_interpolation", "bicubic")
+        try:
+            tf = create_transform(
+                input_size=size,
+                is_training=True,
+                color_jitter=_opt(args, "color_jitter", 0.3),
+                auto_augment=aa,
+                interpolation=interpolation,
+                re_prob=float(_opt(args, "reprob", 0.25)),
+                re_mode=remode,
+                re_count=int(_opt(args, "recount", 1)),
+            )
+        except (AssertionError, KeyError, ValueError) as e:  # timm validates with asserts / dict lookups
+            raise DataError(f"bad augmentation setting (--aa '{aa}', --train-interpolation '{interpolation}'): "
+                            f"{type(e).__name__}: {e}") from None
         _patch_posterize(tf)
         if size <= 32:
             # a resized crop of a 32 px image keeps too little of it; pad-and-crop is the CIFAR standard
@@ -272,9 +280,9 @@ def _image_folder(split_dir: str, transform: Callable, class_root: Optional[str]
     try:
         ds = SafeImageFolder(split_dir, transform=transform, class_root=class_root, skip_bad_images=skip)
     except FileNotFoundError as e:  # torchvision: no class folder / no valid image file
-        raise DataError(f"empty image folder {split_dir}: {e}") from None
+        raise DataError(f"empty image folder {split_dir} (expected <class>/<image> inside): {e}") from None
     if len(ds) == 0:
-        raise DataError(f"empty image folder: {split_dir}")
+        raise DataError(f"empty image folder {split_dir} (expected <class>/<image> inside)")
     return ds
 
 

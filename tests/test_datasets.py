@@ -226,6 +226,9 @@ def test_other_bad_inputs(tmp_path):
         D.build_dataset(True, ns(data_set="NOPE", data_path=str(tmp_path)))
     with pytest.raises(D.DataError, match="--data-path is required"):
         D.build_dataset(True, ns(data_set="IMNET"))
+    for bad in ({"aa": "rand-x9"}, {"aa": "foo"}, {"train_interpolation": "nope"}, {"remode": "weird"}):
+        with pytest.raises(D.DataError, match="--"):
+            D.build_dataset(True, ns(data_set="FAKE", fake_size=5, input_size=16, **bad))
     with pytest.raises(D.DataError, match="positive"):
         D.build_dataset(True, ns(data_set="FAKE", fake_size=0))
     assert issubclass(D.DataError, ValueError) and issubclass(D.CorruptImageError, D.DataError)
