@@ -147,6 +147,16 @@ def test_spatial_randaugment_consistent_with_image():
     assert not torch.equal(top1(lm), top1(position_map()))
 
 
+def test_full_randaugment_survives_max_magnitude():
+    """m10 with mstd noise reaches PosterizeIncreasing's 0 bits, which Pillow >= 13 rejects."""
+    tf = tl.TokenLabelTransform(input_size=32, label_size=G, auto_augment="rand-m10-n4-mstd0.5-inc1-p1.0",
+                                re_prob=0.0, ra_transforms=["PosterizeIncreasing", "SolarizeIncreasing", "Rotate"])
+    for seed in range(8):
+        random.seed(seed)
+        x, lm = tf(position_image(64), position_map(), TARGET)
+        assert x.shape == (3, 32, 32) and lm.shape == (2, 5, G, G) and torch.isfinite(x).all()
+
+
 def test_spatial_op_matrix_matches_pil():
     """The map affine of each op maps points like PIL does on the image."""
     from timm.data.auto_augment import NAME_TO_OP
