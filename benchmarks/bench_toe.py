@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Benchmark Token Expansion: the op's cost and the practical training speedup, against toe.flops.
+
+Prints
+  1. the selection op's time (``toe.token_expansion`` on the block-``layer`` input of the model, forward and
+     forward + backward) and its share of a training step of the stage it runs in;
+  2. the training-step time (forward + backward + AdamW step) of every ToE stage and of the full-token
+     baseline, measured in the same process with interleaved repetitions (medians);
+  3. the practical speedup over the schedule, sum_s L_s t_base / sum_s L_s t_s (L_s = stage lengths in
+     epochs), next to the theoretical speedup of ``toe.flops.gflops_per_iteration``.
+
+This is a benchmark that prints numbers, not a test. Example (the issue's target setting):
+
+    python benchmarks/bench_toe.py --model deit_tiny_patch16_224 --batch-size 32 --img-size 224 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's `toe`
+
+import toe  # noqa: E402
+from toe.flops import create_model, gflops_per_iteration  # noqa: E402
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = _ArgumentParser(prog="bench_toe.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="deit_tiny_patch16_224")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--reps", type=int, default=10, help="timed training steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    p.add_argument("--op-reps", type=int, default=30, help="timed calls of the op per stage")
+    p.add_argument("--toe-r1", type=float, default=0.5)
+    p.add_argument("--toe-r0", type=float, default=None)
+    p.add_argument("--toe-ng", type=int, default=3)
+    p.add_argument("--toe-k", type=int, default=2)
+    p.add_argument("--toe-layer", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=300, help="schedule length (only the stage weights matter)")
+    p.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 + GradScaler on CUDA")
+    p.add_argument("--profile-op", action="store_true", help="print torch.profiler's table for the op")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "img_size", "reps", "op_reps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def make_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool) -> Callable[[], None]:
+    """One training iteration on a fixed batch: forward, cross-entropy, backward, AdamW step."""
+    from timm.optim import create_optimizer_v2
+
+    device = images.device
+    # DeiT's optimizer settings; the values do not matter for speed.
+    optimizer = create_optimizer_v2(model, "adamw", lr=5e-4, weight_decay=0.05)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            out = model(images)
+            loss = F.cross_entropy(out.float(), labels)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    return step
+
+
+def block_input(model: torch.nn.Module, images: torch.Tensor, layer: int, amp: bool) -> torch.Tensor:
+    """The real input of ``model.blocks[layer]`` [B, N, C] for ``images`` (train mode, no ToE)."""
+    captured: List[torch.Tensor] = []
+    handle = model.blocks[layer].register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().clone()))
+    dtype = torch.float16 if images.device.type == "cuda" else torch.bfloat16
+    try:
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=amp):
+            model(images)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    try:
+        schedule = toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0, epochs=args.epochs)
+        plain = create_model(args.model, img_size=args.img_size)
+        if not (0 <= args.toe_layer < len(plain.blocks)):
+            raise ValueError(f"--toe-layer must be in [0, {len(plain.blocks) - 1}], got {args.toe_layer}")
+    except ValueError as err:
+        print(f"bench_toe.py: error: {err}", file=sys.stderr)
+        return 2
+
+    theory = gflops_per_iteration(plain, schedule, layer=args.toe_layer, batch_size=args.batch_size,
+                                  img_size=args.img_size)
+    plain = plain.to(device).train()
+    patched = toe.apply(copy.deepcopy(plain), schedule, layer=args.toe_layer).train()
+    num_classes = getattr(plain, "num_classes", 1000)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+    print(f"model {args.model}  batch {args.batch_size}  img {args.img_size}  device {device}  "
+          f"threads {torch.get_num_threads()}  amp {args.amp}  torch {torch.__version__}")
+    print(f"ToE r1={schedule.r1:g} r0={schedule.r0:g} ng={schedule.ng} k={schedule.k} layer={args.toe_layer}; "
+          f"stage lengths {list(schedule.stage_lengths())} epochs")
+
+    # ---- training steps: baseline and every stage, interleaved ------------------------------------------
+    starts = [sum(schedule.stage_lengths()[:i]) for i in range(schedule.ng)]
+    configs: Dict[str, Callable[[], None]] = {"baseline": make_step(plain, images, labels, args.amp)}
+    patched_step = make_step(patched, images, labels, args.amp)
+    for s, start in enumerate(starts, 1):
+        def run(start: int = start) -> None:
+            toe.set_epoch(patched, start)
+            patched_step()
+        configs[f"stage {s}"] = run
+    times: Dict[str, List[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for _ in range(args.warmup):
+        for name in names:
+            configs[name]()
+    for rep in range(args.reps):
+        # Rotate the order so that no configuration always follows the same one (cache, frequency drift).
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            times[name].append(_timed(configs[name], device))
+    med = {name: statistics.median(v) for name, v in times.items()}
+
+    # ---- the op alone, on the real block-`layer` input ----------------------------------------------------
+    x = block_input(plain, images, args.toe_layer, args.amp)
+    prefix = int(plain.num_prefix_tokens)
+    op_rows = []
+    for s, start in enumerate(starts, 1):
+        rates = schedule.rates(s)
+        if rates[-1] >= 1.0:
+            continue
+        xg = x.clone().requires_grad_(True)
+
+        def op_forward() -> torch.Tensor:
+            return toe.token_expansion(xg, rates, schedule.k, num_prefix_tokens=prefix)[0]
+
+        def op_forward_backward() -> None:
+            out = op_forward()
+            out.backward(torch.ones_like(out))
+
+        for _ in range(3):
+            op_forward_backward()
+        fwd = statistics.median(_timed(op_forward, device) for _ in range(args.op_reps))
+        fwd_bwd = statistics.median(_timed(op_forward_backward, device) for _ in range(args.op_reps))
+        op_rows.append({"stage": s, "rates": [round(r, 4) for r in rates], "forward_s": fwd,
+                        "forward_backward_s": fwd_bwd, "share_of_step": fwd_bwd / med[f"stage {s}"]})
+        if args.profile_op and s == 1:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(10):
+                    op_forward_backward()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+    # ---- report -----------------------------------------------------------------------------------------
+    print(f"\nop toe.token_expansion on the block-{args.toe_layer} input {list(x.shape)} {x.dtype} "
+          f"(median of {args.op_reps}):")
+    for row in op_rows:
+        print(f"  stage {row['stage']} rates {row['rates']}: forward {row['forward_s'] * 1e3:.2f} ms, "
+              f"forward+backward {row['forward_backward_s'] * 1e3:.2f} ms = "
+              f"{100 * row['share_of_step']:.2f}% of the stage's training step")
+    worst_share = max((r["share_of_step"] for r in op_rows), default=0.0)
+
+    base = med["baseline"]
+    lengths = list(schedule.stage_lengths())
+    print(f"\ntraining step (forward + backward + AdamW), median of {args.reps} interleaved reps "
+          f"(warmup {args.warmup}):")
+    print(f"  {'':<10} {'tokens':>6} {'step ms':>9} {'min ms':>9} {'speedup':>8} {'theory':>7}")
+    print(f"  {'baseline':<10} {theory['baseline']['tokens']:>6} {base * 1e3:>9.1f} "
+          f"{min(times['baseline']) * 1e3:>9.1f} {1.0:>7.3f}x {1.0:>6.3f}x")
+    stage_rows = []
+    for s, st in enumerate(theory["stages"], 1):
+        t = med[f"stage {s}"]
+        th = theory["baseline"]["gflops"] / st["gflops"]
+        stage_rows.append({"stage": s, "tokens": st["tokens"], "epochs": lengths[s - 1], "step_s": t,
+                           "speedup": base / t, "theoretical": th})
+        print(f"  {f'stage {s}':<10} {st['tokens']:>6} {t * 1e3:>9.1f} {min(times[f'stage {s}']) * 1e3:>9.1f} "
+              f"{base / t:>7.3f}x {th:>6.3f}x")
+    mean_step = sum(L * med[f"stage {s}"] for s, L in enumerate(lengths, 1)) / sum(lengths)
+    practical = base / mean_step
+    ratio = practical / theory["speedup"]
+    print(f"\nschedule-weighted step {mean_step * 1e3:.1f} ms vs baseline {base * 1e3:.1f} ms")
+    print(f"practical speedup {practical:.3f}x   theoretical (toe.flops) {theory['speedup']:.3f}x   "
+          f"practical / theoretical = {ratio:.3f}")
+    print(f"targets: op < 1% of a step: {'met' if worst_share < 0.01 else 'NOT met'} "
+          f"({100 * worst_share:.2f}%); practical >= 0.97 x theoretical: {'met' if ratio >= 0.97 else 'NOT met'} "
+          f"({ratio:.3f})")
+    if args.json:
+        print(json.dumps({"model": args.model, "batch_size": args.batch_size, "img_size": args.img_size,
+                          "device": str(device), "threads": torch.get_num_threads(), "amp": args.amp,
+                          "baseline_step_s": base, "stages": stage_rows, "op": op_rows,
+                          "practical_speedup": practical, "theoretical_speedup": theory["speedup"],
+                          "ratio": ratio, "times_s": times}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
