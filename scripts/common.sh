@@ -235,6 +235,11 @@ PY
 }
 
 # ---------------------------------------------------------------------------------------------- launch
+# run_complete DIR EPOCHS: true when DIR/log.txt holds epoch EPOCHS-1 (main.py logs each epoch once)
+run_complete() {
+    [[ -f "$1/log.txt" ]] && grep -q "\"epoch\": $(($2 - 1))[,}]" "$1/log.txt"
+}
+
 # launch TABLE NAME GLOBAL_BATCH ARGS... : one training run of main.py into OUT/TABLE/NAME.
 launch() {
     local table="$1" name="$2" global="$3"; shift 3
@@ -251,8 +256,7 @@ launch() {
         batch_split "$global"
         args+=(--batch-size "$BATCH_PER_GPU" --grad-accum-steps "$ACCUM_STEPS" --output_dir "$dir")
     fi
-    if [[ "$DRY_RUN" == 0 && "$NNODES" == 1 && -f "$dir/log.txt" ]] \
-            && grep -q "\"epoch\": $((epochs - 1))[,}]" "$dir/log.txt"; then
+    if [[ "$DRY_RUN" == 0 && "$NNODES" == 1 ]] && run_complete "$dir" "$epochs"; then
         echo "# $table/$name: complete ($epochs epochs in $dir/log.txt), skipped"
         return 0
     fi

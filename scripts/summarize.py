@@ -34,7 +34,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -358,7 +358,8 @@ def _hours(v: Optional[float]) -> str:
     return f"{v:.1f}" if v >= 0.1 else f"{v:.2e}"
 
 
-def _top1(cell: Cell, base: Optional[Cell] = None, delta: bool = True) -> str:
+def _top1(cell: Cell, base: Optional[Cell] = None, delta: bool = True, want_ema: bool = False) -> str:
+    """Measured top-1 cell text: mean [± std] [(delta to the baseline)] [n=runs] [* unfinished]."""
     if cell.empty or cell.top1 is None:
         return "–"
     s = f"{cell.top1:.2f}"
@@ -370,12 +371,9 @@ def _top1(cell: Cell, base: Optional[Cell] = None, delta: bool = True) -> str:
         s += f" [n={cell.n}]"
     if not cell.complete:
         s += " *"
-    if "ema_test_acc1" not in cell.metric and cell.metric and _WANT_EMA[0]:
-        s += " (no EMA)"
+    if want_ema and "ema_test_acc1" not in cell.metric:
+        s += " (no EMA)"  # the run logged no EMA accuracy: its own top-1 is shown
     return s
-
-
-_WANT_EMA = [False]  # set per table: the table's metric is the EMA top-1
 
 
 def _paper_top1(value: Optional[float], base: Optional[float] = None, std: Optional[float] = None,
@@ -396,7 +394,6 @@ def build_table(tid: str, runs: List[Run], use_flops: bool) -> Dict[str, Any]:
     'notes', 'cells' (label -> measured dicts, for --json)}."""
     spec = paper_results.TABLES[tid]
     metric = spec["metric"]
-    _WANT_EMA[0] = metric == "ema_test_acc1"
     notes: List[str] = []
     out_rows: List[List[str]] = []
     cells_json: Dict[str, Any] = {}
@@ -418,7 +415,7 @@ def build_table(tid: str, runs: List[Run], use_flops: bool) -> Dict[str, Any]:
             acc = "–"
             if cell.gpu_hours and base.gpu_hours:
                 acc = f"{base.gpu_hours / cell.gpu_hours:.2f}x"
-            out_rows.append([row["group"], row["label"], _top1(cell, base),
+            out_rows.append([row["group"], row["label"], _top1(cell, base, want_ema=metric == "ema_test_acc1"),
                              _paper_top1(p["top1"], None if cell is base else base_p),
                              gf, pgf, _hours(cell.gpu_hours), _f(p.get("gpu_hours"), "{:.1f}h"), acc,
                              _f(p.get("acceleration"), "{:.2f}x"), _runs(cell)])

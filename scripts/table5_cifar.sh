@@ -31,13 +31,13 @@ else
 fi
 CIFAR_DATA="$DATA"
 
-# pre-training: Table 2's runs (skipped when complete), on IMAGENET
+# pre-training: Table 2's runs, on IMAGENET; fine-tuning starts only from finished ones (all 300 epochs)
 for size in tiny small; do
     for pre in baseline toe_r1_0.5; do
-        ckpt="$OUT/table2/deit_${size}_$pre/checkpoint.pth"
-        if [[ "$DRY_RUN" == 1 || ! -f "$ckpt" ]]; then
+        pre_run="$OUT/table2/deit_${size}_$pre"
+        if [[ "$DRY_RUN" == 1 ]] || ! run_complete "$pre_run" "$([[ $SMOKE == 1 ]] && echo 1 || echo 300)"; then
             if [[ "$SMOKE" == 0 && "$DRY_RUN" == 0 && -z "${IMAGENET:-}" ]]; then
-                die "missing $ckpt: run scripts/table2_deit.sh first, or set IMAGENET to train it here"
+                die "$pre_run has not finished its 300 epochs: run scripts/table2_deit.sh first, or set IMAGENET to train it here"
             fi
             DATA="${IMAGENET:-/path/to/imagenet}"
             if [[ "$pre" == baseline ]]; then deit_baseline "$size"; else deit_toe_default "$size" 0.5; fi
