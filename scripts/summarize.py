@@ -570,7 +570,8 @@ def draw_plots(runs: List[Run], out_dir: str, use_flops: bool) -> List[str]:
             for r in rs:
                 curve = r.metrics(metric, use_flops)["curve"]
                 ax.plot([e + 1 for e, _ in curve], [a for _, a in curve], label=label,
-                        linestyle="-" if label == "Baseline" else "--")
+                        linestyle="-" if label == "Baseline" else "--",
+                        marker="o" if len(curve) <= 30 else None)  # short runs: points stay visible
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation top-1 (%)" + (" (EMA)" if token_label else ""))
         ax.set_title(f"{name}: validation top-1 during training (Fig. 3)")
