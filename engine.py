@@ -31,6 +31,14 @@ def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    return obj
+
+
 def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
                     data_loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     *, amp_dtype: Optional[torch.dtype] = None, scaler: Optional[torch.amp.GradScaler] = None,
@@ -61,7 +69,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, to
     start = time.time()
     for it, (samples, targets) in enumerate(logger.log_every(data_loader, lambda b: b[0].shape[0] * world)):
         samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = _to_device(targets, device)  # a tensor, or (class, label map) under token labeling
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 

@@ -134,6 +134,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--distillation-alpha", default=0.5, type=float)
     g.add_argument("--distillation-tau", default=1.0, type=float)
 
+    g = parser.add_argument_group("Token labeling (LV-ViT)")
+    g.add_argument("--token-label", action="store_true", help="train with dense token labels (lvvit_* models)")
+    g.add_argument("--token-label-data", default="", type=str,
+                   help="label maps <dir>/<class>/<image>.pt [2, K, S, S] (FAKE: synthetic maps when empty)")
+    g.add_argument("--token-label-size", default=14, type=int, help="label map side = the patch grid side")
+    g.add_argument("--cls-weight", default=1.0, type=float, help="weight of the class-token loss")
+    g.add_argument("--dense-weight", default=0.5, type=float, help="weight of the dense token-label loss")
+    g.add_argument("--mix-token", action="store_true", help="MixToken (default on with --token-label)")
+    g.add_argument("--no-mix-token", action="store_false", dest="mix_token")
+    parser.set_defaults(mix_token=True)
+    g.add_argument("--toe-dense-loss", default="merged", choices=["merged", "kept"],
+                   help="with ToE: supervise every position through the token that carries it (merged), or "
+                        "only positions whose own token was kept (kept)")
+
     g = parser.add_argument_group("Fine-tuning")
     g.add_argument("--finetune", default="", help="checkpoint to start from (head dropped if its shape differs, "
                                                   "pos_embed interpolated)")
@@ -219,6 +233,9 @@ def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     kw = dict(args.model_kwargs or {})
     if args.patch_size is not None:
         kw["patch_size"] = args.patch_size
+    if getattr(args, "token_label", False):
+        # LV-ViT's dense training output (cls, aux, MixToken box, mask) for the token-labeling loss
+        kw.update(return_dense=True, mix_token=args.mix_token, toe_dense_loss=args.toe_dense_loss)
     return kw
 
 
@@ -307,7 +324,20 @@ def validate_args(args: argparse.Namespace) -> Dict[str, Any]:
         raise UsageError("--device cuda was requested but CUDA is not available (use --device cpu)")
     if args.amp == "fp16" and not str(args.device).startswith("cuda"):
         print("warning: --amp fp16 on CPU is slow; bf16 is the CPU choice", file=sys.stderr)
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if args.token_label:
+        if args.distillation_type != "none" or args.bce_loss:
+            raise UsageError("--token-label cannot be combined with distillation or --bce-loss")
+        if args.data_set not in ("FAKE", "IMNET", "FOLDER"):
+            raise UsageError(f"--token-label needs an image folder data set (IMNET/FOLDER) or FAKE, "
+                             f"not {args.data_set}")
+        if args.token_label_data:
+            if not os.path.isdir(args.token_label_data) or not os.listdir(args.token_label_data):
+                raise UsageError(f"--token-label-data is missing or empty: {args.token_label_data}")
+        elif args.data_set != "FAKE":
+            raise UsageError("--token-label needs --token-label-data (the label maps)")
+        if not 0.0 <= args.smoothing < 1.0:
+            raise UsageError(f"--smoothing must be in [0, 1) with --token-label, got {args.smoothing}")
+    mixup_active = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and not args.token_label
     if mixup_active and args.batch_size % 2 != 0:
         raise UsageError(f"--batch-size must be even with mixup/cutmix, got {args.batch_size}")
     if args.lr_noise is not None and not 1 <= len(args.lr_noise) <= 2:
@@ -377,6 +407,11 @@ def _check_model_compat(args: argparse.Namespace, v: Dict[str, Any]) -> None:
             raise UsageError(f"--toe: {e}") from None
     if v["finetune_ckpt"] is not None:
         utils.adapt_state_dict_for_finetune(utils.model_state_from_checkpoint(v["finetune_ckpt"]), m)
+    if args.token_label:
+        grid = getattr(getattr(m, "patch_embed", None), "grid_size", None)
+        if grid is not None and tuple(grid) != (args.token_label_size, args.token_label_size):
+            raise UsageError(f"--token-label-size {args.token_label_size} does not match the patch grid "
+                             f"{grid[0]}x{grid[1]} of {args.model} at --input-size {args.input_size}")
 
 
 # ================================================================================================ run
@@ -445,6 +480,14 @@ def run(args: argparse.Namespace, v: Dict[str, Any]) -> int:
     else:
         dataset_train, nb_classes = datasets.build_dataset(is_train=True, args=args)
         dataset_val, _ = datasets.build_dataset(is_train=False, args=args)
+        if args.token_label:
+            import token_label
+
+            if args.token_label_data:
+                dataset_train = token_label.build_token_label_dataset_from_args(args)
+            else:  # FAKE without maps: deterministic synthetic maps
+                dataset_train = token_label.SyntheticTokenLabels(dataset_train, nb_classes, args.token_label_size,
+                                                                 seed=args.seed)
         if len(dataset_val) == 0:
             raise UsageError(f"the validation split of {args.data_set} is empty")
 
@@ -534,7 +577,8 @@ def run(args: argparse.Namespace, v: Dict[str, Any]) -> int:
                          f"one batch of {args.batch_size}")
 
     mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    # MixToken replaces mixup/cutmix under token labeling (mixing would break the label maps)
+    mixup_active = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and not args.token_label
     if mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -581,10 +625,15 @@ def run(args: argparse.Namespace, v: Dict[str, Any]) -> int:
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    base_criterion = losses.build_base_criterion(mixup_active=mixup_active, smoothing=args.smoothing,
-                                                 bce_loss=args.bce_loss)
-    criterion = losses.DistillationLoss(base_criterion, teacher, args.distillation_type,
-                                        args.distillation_alpha, args.distillation_tau)
+    if args.token_label:
+        import token_label
+
+        criterion = token_label.TokenLabelCriterion(args.cls_weight, args.dense_weight, args.smoothing)
+    else:
+        base_criterion = losses.build_base_criterion(mixup_active=mixup_active, smoothing=args.smoothing,
+                                                     bce_loss=args.bce_loss)
+        criterion = losses.DistillationLoss(base_criterion, teacher, args.distillation_type,
+                                            args.distillation_alpha, args.distillation_tau)
 
     # ---------------------------------------------------------------- resume
     start_epoch = args.start_epoch

@@ -224,3 +224,22 @@ def test_epoch_seed_depends_on_seed_rank_epoch_only():
     seeds = {utils.epoch_seed(s, r, e) for s in (0, 1) for r in (0, 1) for e in range(4)}
     assert len(seeds) == 16
     assert utils.epoch_seed(3, 1, 2) == utils.epoch_seed(3, 1, 2)
+
+
+def test_submitit_requeue_resumes_from_the_job_checkpoint(tmp_path, monkeypatch):
+    import run_with_submitit as rws
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    args, main_argv = rws.parse_args(["--nodes", "2", "--ngpus", "4", "--timeout", "60", "--partition", "p",
+                                      "--job_dir", str(tmp_path / "%j"), "--", "--model", "deit_tiny_patch16_224",
+                                      "--epochs", "5"])
+    assert (args.nodes, args.ngpus, args.timeout, args.partition) == (2, 4, 60, "p")
+    trainer = rws.Trainer(main_argv, args.job_dir)
+    job_out = tmp_path / "4242"
+    job_out.mkdir()
+    (job_out / "checkpoint.pth").write_bytes(b"x")
+    resubmission = trainer.checkpoint()
+    argv = resubmission.function.main_argv
+    assert argv[argv.index("--output_dir") + 1] == str(job_out)
+    assert argv[argv.index("--resume") + 1] == str(job_out / "checkpoint.pth")
+    assert argv[:4] == ["--model", "deit_tiny_patch16_224", "--epochs", "5"]

@@ -195,3 +195,20 @@ def test_throughput_mode():
     assert code == 0, err
     res = last_json(stdout)
     assert res["eval_img_per_s"] > 0 and res["train_img_per_s"] > 0 and res["toe_keep_rate"] == 0.5
+
+
+def test_lvvit_token_labeling_with_toe(tmp_path):
+    out = tmp_path / "lvvit"
+    args = ["--model", "lvvit_t", "--input-size", "32", "--model-kwargs", "patch_size=4", "depth=2", "embed_dim=64",
+            "num_heads=2", "stem_chans=16", "--token-label", "--token-label-size", "8", "--data-set", "FAKE",
+            "--fake-size", "64", "--batch-size", "16", "--epochs", "2", "--toe-r1", "0.5", "--toe-ng", "2",
+            "--device", "cpu", "--num_workers", "0", "--warmup-epochs", "0", "--output_dir", str(out)]
+    code, stdout, err = main_inprocess(args)
+    assert code == 0, err
+    rows = read_log(out / "log.txt")
+    assert [r["toe_tokens"] for r in rows] == [32, 64]
+    assert all(r["train_loss"] == r["train_loss"] for r in rows)  # finite, not NaN
+    # a wrong label-map size is a flag error, caught before training
+    code, stdout, err = main_inprocess(args[:args.index("--token-label-size") + 1] + ["14"]
+                                       + args[args.index("--token-label-size") + 2:])
+    assert code == 2 and err.startswith("error: --token-label-size 14 does not match the patch grid 8x8"), err
