@@ -212,3 +212,34 @@ def test_lvvit_token_labeling_with_toe(tmp_path):
     code, stdout, err = main_inprocess(args[:args.index("--token-label-size") + 1] + ["14"]
                                        + args[args.index("--token-label-size") + 2:])
     assert code == 2 and err.startswith("error: --token-label-size 14 does not match the patch grid 8x8"), err
+
+
+def _image_folder(root: Path, corrupt: bool) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 4)):
+        for c in range(2):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "class0" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
+    root = _image_folder(tmp_path / "folder", corrupt=True)
+    args = TINY + ["--data-set", "FOLDER", "--data-path", str(root), "--batch-size", "8", "--epochs", "1",
+                   "--no-model-ema", "--no-repeated-aug"]
+    code, stdout, err = main_inprocess(args + ["--output_dir", str(tmp_path / "strict")])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(root / "train" / "class0" / "0.png") in err
+
+    out = tmp_path / "skip"
+    code, stdout, err = main_inprocess(args + ["--skip-bad-images", "--output_dir", str(out)])
+    assert code == 0, err
+    (row,) = read_log(out / "log.txt")
+    assert row["skipped_images"] == 1 and row["test_images"] == 8
