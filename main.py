@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -446,7 +445,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace, v: Dict[str, Any]) -> int:
-    import numpy as np
+    """Build everything from validated args and train (or --eval / --throughput). Returns the exit code."""
     import torch
     from timm.data import Mixup
     from timm.optim import create_optimizer_v2
@@ -467,7 +466,6 @@ def run(args: argparse.Namespace, v: Dict[str, Any]) -> int:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
     schedule = v["schedule"]
     use_toe = toe_enabled(args)
-    print(" ".join(sys.argv) if sys.argv else "")
     print(json.dumps(utils.plain_args(args), sort_keys=True))
 
     # same initial weights on every rank; per-epoch seeds below make training resumable bitwise

@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 import engine
 import losses
 import utils
-from conftest import one_thread
 
 
 def _loader(n: int, batch: int, classes: int = 5, seed: int = 0):

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import (E2E, ROOT, TINY, child_env, last_json, main_inprocess, read_log, run_main,
@@ -112,8 +111,8 @@ def test_torchrun_two_ranks_rank0_writes_and_dist_eval_is_exact(tmp_path):
     # round up to 46 with a duplicate
     args = TINY + ["--data-set", "FAKE", "--fake-size", "225", "--batch-size", "16", "--epochs", "2",
                    "--toe-r1", "0.5", "--toe-ng", "2", "--no-model-ema", "--dist-eval", "--output_dir", str(out)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29500 + os.getpid() % 1000)]
+    # --standalone: a local rendezvous on a free port (no clash with other test processes)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = run_main(args, launcher=launcher, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
