@@ -45,7 +45,9 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, to
                     max_norm: Optional[float] = None, model_ema: Optional[Any] = None,
                     mixup_fn: Optional[Callable] = None, grad_accum_steps: int = 1,
                     set_training_mode: bool = True, print_freq: int = 10) -> Dict[str, float]:
-    """One pass over `data_loader` of (samples [B, 3, H, W], targets [B]).
+    """One pass over `data_loader` of (samples [B, 3, H, W], targets): targets are class indices [B], or a
+    tuple such as token labeling's (classes [B], label maps [B, 2, K, S, S]) that `criterion` understands.
+    `criterion(samples, outputs, targets)` returns the scalar loss (DistillationLoss interface).
 
     The loss of each micro-batch is divided by the size of its accumulation group, so a group's gradient
     is the mean over its samples; the optimizer (and EMA) step once per group, the last group of the epoch

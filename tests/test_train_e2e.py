@@ -78,7 +78,7 @@ def test_kill9_mid_epoch_then_resume_is_bitwise_identical(e2e_run, tmp_path):
         deadline = time.time() + 240
         try:
             while time.time() < deadline and proc.poll() is None:
-                if re.search(r"Epoch: \[1\] \[ ?[2-6]/10\]", stdout_path.read_text()):
+                if re.search(r"Epoch: \[1\] \[ ?[2-4]/10\]", stdout_path.read_text()):
                     break
                 time.sleep(0.05)
             assert proc.poll() is None, "run finished before it could be killed:\n" + stdout_path.read_text()[-2000:]
@@ -86,8 +86,12 @@ def test_kill9_mid_epoch_then_resume_is_bitwise_identical(e2e_run, tmp_path):
         finally:
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert _load(out / "checkpoint.pth")["epoch"] == 0
-    assert [r["epoch"] for r in read_log(out / "log.txt")] == [0]
+    # killed in epoch 1 (6+ iterations, an evaluation and a save before its checkpoint): epoch 0 is the last
+    # completed one, unless this machine stalled the poller for that long
+    done = _load(out / "checkpoint.pth")["epoch"]
+    assert done in (0, 1)
+    logged = [r["epoch"] for r in read_log(out / "log.txt")]
+    assert logged == [0, 1] if done == 1 else logged in ([0], [0, 1])  # [0, 1]: killed between log and save
 
     again = run_main(E2E + ["--output_dir", str(out)])  # same command: --resume auto
     assert again.returncode == 0, again.stderr[-3000:]
