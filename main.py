@@ -50,7 +50,7 @@ class _KeyValue(argparse.Action):
 
 def get_args_parser() -> argparse.ArgumentParser:
     """DeiT's flags (same names and defaults), ToE's --toe-* flags, and the reliability options."""
-    parser = _Parser("DeiT training and evaluation with Token Expansion", add_help=True)
+    parser = _Parser(prog="main.py", description="DeiT training and evaluation with Token Expansion (ToE)")
     parser.add_argument("--batch-size", default=64, type=int, help="per process")
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--bce-loss", action="store_true")
