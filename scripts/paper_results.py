@@ -1,5 +1,5 @@
 """The ToE paper's printed numbers (Huang et al., CVPR 2024), as data: the one source for summarize.py and
-docs/reproducing.md.
+README.md ("Reproducing the paper").
 
 Each table lists rows. A row says which runs it holds (``match``: a subset of the run configuration that
 summarize.py derives from a run's args, see ``summarize.run_config``) and the numbers the paper prints for
