@@ -688,6 +688,9 @@ def run(args: argparse.Namespace, v: Dict[str, Any]) -> int:
     writer = None
     if out_dir and utils.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
+        # the run's configuration next to its log, for scripts/summarize.py and humans
+        utils.atomic_write_text(os.path.join(out_dir, "args.json"),
+                                json.dumps(utils.plain_args(args), indent=1, sort_keys=True) + "\n")
         utils.truncate_log(log_path, start_epoch)
         if ckpt is not None and isinstance(ckpt.get("log_row"), dict):
             # the log line of the checkpoint's epoch is written before the checkpoint; restore it if lost

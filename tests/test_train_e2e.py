@@ -2,6 +2,7 @@
 torchrun with 2 gloo ranks and exact --dist-eval, CIFAR fine-tuning, distillation/bf16/EMA/mixup paths."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -52,6 +53,7 @@ def test_e2e_toe_schedule_checkpoints_and_eval(e2e_run):
     assert {"model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "rng", "args"} <= ckpt.keys()
     assert ckpt["epoch"] == 2 and isinstance(ckpt["args"], dict) and ckpt["args"]["toe_r1"] == 0.5
     assert {"torch", "numpy", "python"} <= ckpt["rng"].keys()
+    assert json.loads((out / "args.json").read_text()) == ckpt["args"]
     best = _load(out / "best_checkpoint.pth")
     best_epoch = max(rows, key=lambda r: r["test_acc1"])["epoch"]
     assert best["epoch"] == min(r["epoch"] for r in rows if r["test_acc1"] == rows[best_epoch]["test_acc1"])
@@ -127,7 +129,7 @@ def test_torchrun_two_ranks_rank0_writes_and_dist_eval_is_exact(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]
     assert [r["toe_keep_rate"] for r in rows] == [0.5, 1.0]
     assert rows[-1]["test_images"] == 45
-    assert sorted(p.name for p in out.iterdir()) == ["best_checkpoint.pth", "checkpoint.pth", "log.txt", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best_checkpoint.pth", "checkpoint.pth", "log.txt", "tb"]
     assert len(list((out / "tb").iterdir())) == 1
 
     single = [a for a in args if a != "--dist-eval"]
