@@ -17,11 +17,24 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from PIL import Image, ImageOps
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["new_data_aug_generator", "simple_random_crop"]
+__all__ = ["new_data_aug_generator", "simple_random_crop", "posterize_any_bits"]
+
+
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, also for 0 bits. RandAugment's PosterizeIncreasing asks for 0 bits at magnitude 10
+    (reached by m9 + mstd noise); Pillow < 13 then masked every bit, giving a black image, and Pillow >= 13
+    raises instead. This gives Pillow 12's result on any Pillow."""
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits)
 
 
 def simple_random_crop(size: int, interpolation: InterpolationMode = InterpolationMode.BICUBIC) -> T.Compose:

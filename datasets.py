@@ -22,7 +22,7 @@ import socket
 from typing import Any, Callable, Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import ConcatDataset, Dataset, Subset, get_worker_info
@@ -31,7 +31,7 @@ from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import InterpolationMode
 
-from augment import new_data_aug_generator, simple_random_crop
+from augment import new_data_aug_generator, posterize_any_bits, simple_random_crop
 
 __all__ = [
     "DataError", "CorruptImageError", "DATA_SETS", "build_transform", "build_dataset", "skipped_images",
@@ -84,18 +84,6 @@ def _interp(name: str) -> InterpolationMode:
         return InterpolationMode.BICUBIC
 
 
-def _posterize_compat(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op for Pillow >= 13, which rejects bits < 1. RandAugment's PosterizeIncreasing
-    asks for 0 bits at magnitude 10 (reached by m9 + mstd noise); Pillow < 13 then masked every bit,
-    giving a black image, and so does this."""
-    bits = int(bits_to_keep)
-    if bits >= 8:
-        return img
-    if bits <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits)
-
-
 def _patch_posterize(tf: Any) -> None:
     """Swap the posterize function inside timm RandAugment / AutoAugment / AugMix ops (see above)."""
     for t in getattr(tf, "transforms", [tf]):
@@ -104,7 +92,7 @@ def _patch_posterize(tf: Any) -> None:
             ops.extend(sub)
         for op in ops:
             if str(getattr(op, "name", "")).startswith("Posterize") and hasattr(op, "aug_fn"):
-                op.aug_fn = _posterize_compat
+                op.aug_fn = posterize_any_bits
 
 
 def build_transform(is_train: bool, args: Any) -> Callable:

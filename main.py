@@ -10,7 +10,6 @@ A non-finite loss stops with one line naming the epoch, the iteration and the ch
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -33,19 +32,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _KeyValue(argparse.Action):
-    """`--model-kwargs a=1 b=x` -> {'a': 1, 'b': 'x'} (values parsed as python literals when possible)."""
+    """`--model-kwargs a=1 b=x` -> {'a': 1, 'b': 'x'} (see utils.parse_key_values)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        out: Dict[str, Any] = {}
-        for item in values:
-            if "=" not in item:
-                raise UsageError(f"{option_string} expects key=value pairs, got {item!r}")
-            k, v = item.split("=", 1)
-            try:
-                out[k] = ast.literal_eval(v)
-            except (ValueError, SyntaxError):
-                out[k] = v
-        setattr(namespace, self.dest, out)
+        import utils
+
+        try:
+            setattr(namespace, self.dest, utils.parse_key_values(values, option_string))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:

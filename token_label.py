@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 from torchvision.ops import roi_align
@@ -45,6 +45,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 
+from augment import posterize_any_bits
 from models.lvvit import LVViTDenseOutput, spread_to_positions  # noqa: F401  (re-exported helper)
 
 __all__ = [
@@ -179,17 +180,6 @@ def affine_dense_map(probs: torch.Tensor, matrices: Sequence[Sequence[float]], i
     return torch.where(inside[None], out, fill.to(probs.dtype)[:, None, None])
 
 
-def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """Posterize that also accepts 0 bits. timm's PosterizeIncreasing asks for 0 bits at magnitude 10
-    (reached by m9 + mstd noise); Pillow >= 13 rejects that, older Pillow returned a black image."""
-    bits = int(bits_to_keep)
-    if bits >= 8:
-        return img
-    if bits <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits)
-
-
 class LabelAwareRandAugment:
     """timm RandAugment whose spatial ops are applied to the label map too.
 
@@ -205,7 +195,7 @@ class LabelAwareRandAugment:
         self.ops = list(ra.ops)
         for op in self.ops:
             if op.name.startswith("Posterize"):
-                op.aug_fn = _posterize_any_bits
+                op.aug_fn = posterize_any_bits
         self.num_layers = ra.num_layers
         self.choice_weights = None if ra.choice_weights is None else [float(w) for w in ra.choice_weights]
 

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
 import os
 import sys
@@ -39,6 +38,8 @@ import torch.nn.functional as F
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+import utils  # noqa: E402  (this repository's helpers)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -75,19 +76,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ---- model -------------------------------------------------------------------------------------------
-def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value  # plain strings such as global_pool=avg
-    return out
-
-
 def _load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
@@ -130,7 +118,10 @@ def build_teacher(args: argparse.Namespace) -> nn.Module:
         raise UsageError("--checkpoint is required (pass --random-init to run with random weights)")
     if not timm.is_model(args.model):
         raise UsageError(f"unknown model: {args.model}")
-    kwargs = _parse_kwargs(args.model_kwargs)
+    try:
+        kwargs = utils.parse_key_values(args.model_kwargs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     try:

@@ -47,16 +47,15 @@ def run_main(args: Sequence[str], timeout: float = 300, launcher: Optional[List[
     return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
-@contextlib.contextmanager
+@pytest.fixture(autouse=True)
 def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a shared 2-core machine."""
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(n)
 
 
 def main_inprocess(args: Sequence[str]) -> tuple:
@@ -64,7 +63,7 @@ def main_inprocess(args: Sequence[str]) -> tuple:
     import main
 
     out, err = io.StringIO(), io.StringIO()
-    with one_thread(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main.main(list(args))
     return code, out.getvalue(), err.getvalue()
 

@@ -23,7 +23,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets as D  # noqa: E402
-from augment import new_data_aug_generator  # noqa: E402
+from augment import new_data_aug_generator, posterize_any_bits  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -75,28 +75,23 @@ def test_fake_is_learnable_by_tiny_vit_with_deit_augmentation():
     import timm
 
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 1 thread is faster than 2 oversubscribed ones for a model this small
-    try:
-        a = ns(data_set="FAKE", input_size=32, fake_size=320, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
-        tr, nb = D.build_dataset(True, a)
-        va, _ = D.build_dataset(False, a)
-        model = timm.models.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
-                                              num_classes=nb)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(2):
-            model.train()
-            for x, y in DataLoader(tr, batch_size=32, shuffle=True, generator=g):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        model.eval()
-        with torch.no_grad():
-            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(va, batch_size=96))
-    finally:
-        torch.set_num_threads(threads)
+    a = ns(data_set="FAKE", input_size=32, fake_size=320, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+    tr, nb = D.build_dataset(True, a)
+    va, _ = D.build_dataset(False, a)
+    model = timm.models.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                                          num_classes=nb)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        model.train()
+        for x, y in DataLoader(tr, batch_size=32, shuffle=True, generator=g):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(va, batch_size=96))
     assert correct / len(va) > 0.35  # chance is 0.1; 0.55-0.70 over seeds 0-2
 
 
@@ -175,12 +170,12 @@ def test_eval_transform_matches_timm_reference():
 def test_posterize_behaves_like_pillow_12(bits):
     # Pillow >= 13 rejects bits=0, which RandAugment's PosterizeIncreasing requests at magnitude 10
     img = _rgb(16, 16, 6)
-    out = np.asarray(D._posterize_compat(img, bits))
+    out = np.asarray(posterize_any_bits(img, bits))
     ref = np.asarray(img) & np.uint8((~(2 ** (8 - bits) - 1)) & 0xFF)
     assert np.array_equal(out, ref)
     tf = D.build_transform(True, ns(input_size=32))
     ops = [op for op in tf.transforms[2].ops if op.name.startswith("Posterize")]
-    assert ops and all(op.aug_fn is D._posterize_compat for op in ops)
+    assert ops and all(op.aug_fn is posterize_any_bits for op in ops)
 
 
 # ----------------------------------------------------------------------------------------- ImageFolder

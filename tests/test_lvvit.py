@@ -15,15 +15,6 @@ from token_label import TokenLabelCrossEntropy, dense_targets
 TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=3, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     torch.manual_seed(0)
     return timm.create_model("lvvit_s", **dict(TINY, **kw))

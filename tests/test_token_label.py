@@ -21,15 +21,6 @@ import token_label as tl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _load_script():
     spec = importlib.util.spec_from_file_location("generate_label", os.path.join(ROOT, "scripts", "generate_label.py"))
     mod = importlib.util.module_from_spec(spec)
