@@ -44,6 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .patch import unwrap_model
+
 __all__ = ["forward_macs", "gflops_per_iteration", "macs_to_gflops", "create_model", "paper_tables",
            "format_paper_tables", "main"]
 
@@ -93,17 +95,6 @@ def _subclass_rules(model: nn.Module, register_hooks: Dict[type, Any]) -> Dict[t
                 rules[cls] = rule
                 break
     return rules
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP (``.module``) and torch.compile (``._orig_mod``)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "blocks"):
-            model = model.module
-        else:
-            return model
 
 
 def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -182,7 +173,7 @@ def forward_macs(model: nn.Module, *, img_size: Optional[Union[int, Sequence[int
     at the epoch last given to ``toe.set_epoch``. ``img_size`` defaults to the model's own input size.
     """
     with _one_thread():
-        work = copy.deepcopy(_unwrap(model))
+        work = copy.deepcopy(unwrap_model(model))
         work.train(train)
         macs, _ = _profile(work, _probe_input(work, _input_shape(work, img_size)))
     return macs
@@ -216,11 +207,6 @@ def _register_repo_models() -> None:
     finally:
         if added:
             sys.path.remove(root)
-
-
-def _stage_starts(schedule: Any) -> List[int]:
-    lengths = list(schedule.stage_lengths())
-    return [sum(lengths[:i]) for i in range(len(lengths))]
 
 
 def gflops_per_iteration(model_or_name: Union[str, nn.Module], schedule: Any = None, *, layer: int = 1,
@@ -261,7 +247,7 @@ def _gflops_per_iteration(model_or_name: Union[str, nn.Module], schedule: Any, l
         name = model_or_name
         work = create_model(name, img_size=img_size)  # private: counted in place
     else:
-        work = copy.deepcopy(_unwrap(model_or_name))  # thop and ToE never touch the caller's model
+        work = copy.deepcopy(unwrap_model(model_or_name))  # thop and ToE never touch the caller's model
         cfg = getattr(work, "pretrained_cfg", None) or {}
         name = cfg.get("architecture", type(work).__name__)
     if toe.is_applied(work):
@@ -296,7 +282,7 @@ def _gflops_per_iteration(model_or_name: Union[str, nn.Module], schedule: Any, l
                           "stage_epochs": list(schedule.stage_epochs) if schedule.stage_epochs else None}
     toe.apply(work, schedule, layer=layer)
     weighted = 0.0
-    for start, length in zip(_stage_starts(schedule), schedule.stage_lengths()):
+    for start, length in zip(schedule.stage_starts(), schedule.stage_lengths()):
         if length <= 0:
             continue
         stage = schedule.stage(start)

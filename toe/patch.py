@@ -53,7 +53,7 @@ class ToEHook:
         return (tokens,) + tuple(args[1:])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The module that owns ``blocks`` under DDP (``.module``) and torch.compile (``._orig_mod``)."""
     while True:
         if hasattr(model, "_orig_mod"):
@@ -65,7 +65,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _find_hook(model: nn.Module) -> Optional[ToEHook]:
-    model = _unwrap(model)
+    model = unwrap_model(model)
     for block in getattr(model, "blocks", ()):
         for hook in block._forward_pre_hooks.values():
             if isinstance(hook, ToEHook):
@@ -98,7 +98,7 @@ def apply(model: nn.Module, schedule: Schedule, *, layer: int = 1, distance: str
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    target = _unwrap(model)
+    target = unwrap_model(model)
     blocks = getattr(target, "blocks", None)
     prefix = getattr(target, "num_prefix_tokens", None)
     if blocks is None or prefix is None:
@@ -114,7 +114,7 @@ def apply(model: nn.Module, schedule: Schedule, *, layer: int = 1, distance: str
 
 def remove(model: nn.Module) -> nn.Module:
     """Remove the ToE hook; the model behaves exactly as before :func:`apply`."""
-    target = _unwrap(model)
+    target = unwrap_model(model)
     for block in getattr(target, "blocks", ()):
         for key, hook in list(block._forward_pre_hooks.items()):
             if isinstance(hook, ToEHook):
