@@ -248,3 +248,23 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     assert code == 0, err
     (row,) = read_log(out / "log.txt")
     assert row["skipped_images"] == 1 and row["test_images"] == 8
+
+
+def test_real_images_learn_with_toe(tmp_path):
+    # imagenette-mini-64 (shared/ beside the checkout): 10 real ImageNet classes, 1000 train / 300 val JPEGs.
+    data = ROOT.parent / "shared" / "data" / "imagenette-mini-64"
+    assert (data / "train").is_dir(), f"real-image set missing: {data} (CI lays shared/ beside the checkout)"
+    out = tmp_path / "inet"
+    args = [a if a != "1e-3" else "2e-3" for a in TINY] + [
+        "--data-set", "FOLDER", "--data-path", str(data), "--batch-size", "50", "--epochs", "6",
+        "--toe-r1", "0.5", "--toe-ng", "2", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
+        "--no-repeated-aug", "--no-model-ema", "--output_dir", str(out)]
+    proc = run_main(args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_log(out / "log.txt")
+    assert [r["toe_keep_rate"] for r in rows] == [0.5] * 3 + [1.0] * 3
+    assert [r["toe_tokens"] for r in rows] == [32] * 3 + [64] * 3
+    assert rows[0]["test_images"] == 300
+    # chance is 10%; this setting reaches about 29% after 6 epochs (22% after the first)
+    assert max(r["test_acc1"] for r in rows) > 20.0, [r["test_acc1"] for r in rows]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
