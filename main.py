@@ -10,11 +10,12 @@ A non-finite loss stops with one line naming the epoch, the iteration and the ch
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -22,6 +23,21 @@ EXIT_NONFINITE = 3
 
 class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
+
+
+def parse_key_values(items: Iterable[str], flag: str = "--model-kwargs") -> Dict[str, Any]:
+    """`a=1 b=x` -> {'a': 1, 'b': 'x'}: values parsed as Python literals when possible, plain strings
+    (such as global_pool=avg) otherwise. Raises ValueError naming ``flag`` for an item without '='."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} expects KEY=VALUE pairs, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,13 +48,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _KeyValue(argparse.Action):
-    """`--model-kwargs a=1 b=x` -> {'a': 1, 'b': 'x'} (see utils.parse_key_values)."""
+    """`--model-kwargs a=1 b=x` -> {'a': 1, 'b': 'x'} (see parse_key_values)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        import utils
-
         try:
-            setattr(namespace, self.dest, utils.parse_key_values(values, option_string))
+            setattr(namespace, self.dest, parse_key_values(values, option_string))
         except ValueError as e:
             raise UsageError(str(e)) from None
 
@@ -305,6 +319,19 @@ def validate_args(args: argparse.Namespace) -> Dict[str, Any]:
 
     schedule = build_schedule(args)
 
+    # data path: cheap existence checks here; the data set itself reports anything deeper (DataError)
+    if args.data_set != "FAKE" and not args.throughput:
+        if not args.data_path:
+            raise UsageError(f"--data-path is required for --data-set {args.data_set}")
+        p = os.path.expanduser(args.data_path)
+        if args.data_set not in ("CIFAR10", "CIFAR100"):  # CIFAR may be downloaded into a new folder
+            if not os.path.isdir(p):
+                raise UsageError(f"data path does not exist or is not a folder: {args.data_path}")
+            if not os.listdir(p):
+                raise UsageError(f"data path is empty: {args.data_path}")
+        elif os.path.exists(p) and not os.path.isdir(p):
+            raise UsageError(f"data path is not a folder: {args.data_path}")
+
     # flag-only checks above need no timm: bad flags fail fast
     import timm
     import torch
@@ -346,19 +373,6 @@ def validate_args(args: argparse.Namespace) -> Dict[str, Any]:
             raise UsageError(f"unknown teacher model '{args.teacher_model}'")
         if not args.teacher_path:
             raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher-path (teacher weights)")
-
-    # data path: cheap existence checks here; the data set itself reports anything deeper (DataError)
-    if args.data_set != "FAKE" and not args.throughput:
-        if not args.data_path:
-            raise UsageError(f"--data-path is required for --data-set {args.data_set}")
-        p = os.path.expanduser(args.data_path)
-        if args.data_set not in ("CIFAR10", "CIFAR100"):  # CIFAR may be downloaded into a new folder
-            if not os.path.isdir(p):
-                raise UsageError(f"data path does not exist or is not a folder: {args.data_path}")
-            if not os.listdir(p):
-                raise UsageError(f"data path is empty: {args.data_path}")
-        elif os.path.exists(p) and not os.path.isdir(p):
-            raise UsageError(f"data path is not a folder: {args.data_path}")
 
     resume_path = _resolve_resume(args)
     out = {"schedule": schedule, "resume_path": resume_path, "resume_ckpt": None, "finetune_ckpt": None,
@@ -411,29 +425,36 @@ def _check_model_compat(args: argparse.Namespace, v: Dict[str, Any]) -> None:
 # ================================================================================================ run
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, validate, run. Returns the process exit code."""
-    import utils
-
     try:
         args = get_args_parser().parse_args(argv)
         v = validate_args(args)
         return run(args, v)
-    except (UsageError, utils.CheckpointError) as e:
+    except UsageError as e:
         return _fail(str(e), EXIT_USAGE)
     except Exception as e:
-        # data errors come from datasets.py (imported lazily); everything else is a real bug: re-raise
-        try:
-            import datasets
-        except Exception:
-            raise e
-        if isinstance(e, datasets.DataError):
+        # Checkpoint and data errors come from lazily imported modules (torch is not imported before the
+        # flag checks, so a bad flag fails fast); anything else is a real bug: re-raise.
+        user_errors = tuple(getattr(sys.modules.get(mod), name, ()) for mod, name in
+                            (("utils", "CheckpointError"), ("datasets", "DataError")))
+        if any(isinstance(e, cls) for cls in user_errors if isinstance(cls, type)):
             return _fail(str(e), EXIT_USAGE)
         raise
 
 
-def _fail(message: str, code: int) -> int:
-    import utils
+def _launcher_rank() -> int:
+    """Rank announced by the launcher (torchrun or SLURM), readable before the process group exists."""
+    for key in ("RANK", "SLURM_PROCID"):
+        try:
+            return int(os.environ[key])
+        except KeyError:
+            continue
+        except ValueError:
+            return 0
+    return 0
 
-    if utils.env_rank() == 0:
+
+def _fail(message: str, code: int) -> int:
+    if _launcher_rank() == 0:
         line = " ".join(str(message).split())
         print(f"error: {line}", file=sys.stderr, flush=True)
     return code

@@ -4,7 +4,6 @@ Nothing here reads argparse; functions take plain values so tests and other entr
 """
 from __future__ import annotations
 
-import ast
 import builtins
 import datetime
 import json
@@ -23,21 +22,6 @@ import torch.distributed as dist
 
 
 # --------------------------------------------------------------------------------------------- errors
-def parse_key_values(items: Iterable[str], flag: str = "--model-kwargs") -> Dict[str, Any]:
-    """`a=1 b=x` -> {'a': 1, 'b': 'x'}: values parsed as Python literals when possible, plain strings
-    (such as global_pool=avg) otherwise. Raises ValueError naming ``flag`` for an item without '='."""
-    out: Dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"{flag} expects KEY=VALUE pairs, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (a user error: exit code 2)."""
 
@@ -57,17 +41,6 @@ def get_rank() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
-
-
-def env_rank() -> int:
-    """Rank announced by the launcher (torchrun or SLURM), readable before the process group exists."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            try:
-                return int(os.environ[key])
-            except ValueError:
-                return 0
-    return 0
 
 
 def setup_for_distributed(is_master: bool) -> None:

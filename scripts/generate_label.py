@@ -39,7 +39,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import utils  # noqa: E402  (this repository's helpers)
+from main import parse_key_values  # noqa: E402  (the key=value parser of main.py's --model-kwargs)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -119,7 +119,7 @@ def build_teacher(args: argparse.Namespace) -> nn.Module:
     if not timm.is_model(args.model):
         raise UsageError(f"unknown model: {args.model}")
     try:
-        kwargs = utils.parse_key_values(args.model_kwargs)
+        kwargs = parse_key_values(args.model_kwargs)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.num_classes is not None:

@@ -3,12 +3,14 @@ A non-finite loss -> one line naming the epoch, the iteration and the checkpoint
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, main_inprocess, run_main
+from conftest import ROOT, TINY, child_env, main_inprocess, run_main
 
 BASE = TINY + ["--data-set", "FAKE", "--fake-size", "64", "--batch-size", "16", "--epochs", "3", "--no-model-ema"]
 
@@ -130,3 +132,21 @@ def test_real_process_prints_one_line_and_exits_2():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --toe-ng: ng must be an integer >= 1, got 0"]
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("flags", [
+    ["--toe-r1", "1.5"], ["--toe-r1", "0.5", "--toe-r0", "0.6"], ["--toe-k", "0", "--toe-r1", "0.5"],
+    ["--batch-size", "0"], ["--data-set", "IMNET", "--data-path", "/nonexistent/imagenet"],
+    ["--model-kwargs", "depth"], ["--no-such-flag"],
+])
+def test_bad_flags_fail_before_torch_is_imported(flags):
+    # "fail in the first second": flag, ToE and data-path checks run before the multi-second torch import
+    code = ("import sys, main\n"
+            f"rc = main.main({flags!r})\n"
+            "assert 'torch' not in sys.modules, 'torch was imported before the error'\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines

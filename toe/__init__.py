@@ -6,10 +6,28 @@
     for epoch in range(300):
         toe.set_epoch(model, epoch)
         ...
+
+``toe.Schedule`` needs no torch; the op and the patch are imported on first use, so a training entry can
+validate its ToE flags before paying for ``import torch``.
 """
-from .ops import token_expansion
-from .patch import apply, current_rates, is_applied, last_assignment, last_index, remove, set_epoch
+from importlib import import_module
+from typing import Any
+
 from .schedule import Schedule
 
-__all__ = ["Schedule", "token_expansion", "apply", "remove", "set_epoch", "is_applied", "current_rates",
-           "last_index", "last_assignment"]
+_LAZY = {"token_expansion": ".ops", "apply": ".patch", "remove": ".patch", "set_epoch": ".patch",
+         "is_applied": ".patch", "current_rates": ".patch", "last_index": ".patch", "last_assignment": ".patch"}
+
+__all__ = ["Schedule", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'toe' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))
