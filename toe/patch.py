@@ -39,6 +39,7 @@ class ToEHook:
 
     @property
     def rates(self):
+        """Cumulative keep rates [r0, ..., r_delta] of the current epoch's stage."""
         return self.schedule.rates(self.schedule.stage(self.epoch))
 
     def __call__(self, block: nn.Module, args: tuple):
