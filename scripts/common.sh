@@ -282,9 +282,16 @@ launch() {
 # RandAugment m9, colour jitter 0.3, random erasing 0.25, mixup 0.8 / cutmix 1.0, repeated augmentation
 # (3 repeats), EMA kept with decay 0.99996 (DeiT's default; the reported top-1 is the model's own, not EMA's).
 deit_imagenet_args() {
+    deit_recipe_args
     DEIT_ARGS=(--data-set IMNET --data-path "$DATA" --input-size 224 --epochs 300
                --opt adamw --opt-eps 1e-8 --weight-decay 0.05 --momentum 0.9
-               --sched cosine --lr 5e-4 --warmup-lr 1e-6 --min-lr 1e-5 --warmup-epochs 5 --cooldown-epochs 10
+               --sched cosine --lr 5e-4 "${DEIT_RECIPE_ARGS[@]}")
+}
+
+# deit_recipe_args: DeiT's schedule shape, regularisation, augmentation, EMA and evaluation flags, shared by
+# ImageNet training and CIFAR fine-tuning (sets DEIT_RECIPE_ARGS).
+deit_recipe_args() {
+    DEIT_RECIPE_ARGS=(--warmup-lr 1e-6 --min-lr 1e-5 --warmup-epochs 5 --cooldown-epochs 10
                --decay-rate 0.1 --drop 0.0 --drop-path 0.1
                --color-jitter 0.3 --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --train-interpolation bicubic
                --reprob 0.25 --remode pixel --recount 1 --repeated-aug --ra-reps 3

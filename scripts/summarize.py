@@ -541,6 +541,17 @@ def plot_groups(runs: List[Run]) -> Dict[Tuple[str, bool], Dict[str, List[Run]]]
     return {k: v for k, v in groups.items() if v["baseline"] and v["toe"]}
 
 
+
+def _finish_plot(plt: Any, fig: Any, ax: Any, title: str, path: str) -> str:
+    """Title, grid and legend, then write ``path`` (PNG) and close the figure; returns ``path``."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def draw_plots(runs: List[Run], out_dir: str, use_flops: bool) -> List[str]:
     """Fig. 3 and Fig. 4 PNGs into ``out_dir``; [] with a one-line message when matplotlib is missing."""
     try:
@@ -574,14 +585,8 @@ def draw_plots(runs: List[Run], out_dir: str, use_flops: bool) -> List[str]:
                         marker="o" if len(curve) <= 30 else None)  # short runs: points stay visible
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation top-1 (%)" + (" (EMA)" if token_label else ""))
-        ax.set_title(f"{name}: validation top-1 during training (Fig. 3)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = os.path.join(out_dir, f"fig3_{slug}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish_plot(plt, fig, ax, f"{name}: validation top-1 during training (Fig. 3)",
+                                    os.path.join(out_dir, f"fig3_{slug}.png")))
 
         # Fig. 4: top-1 vs acceleration over r1
         base = Cell(g["baseline"], metric, use_flops)
@@ -608,14 +613,8 @@ def draw_plots(runs: List[Run], out_dir: str, use_flops: bool) -> List[str]:
         ax.axhline(base.top1 if base.top1 is not None else 0, color="gray", linewidth=0.8, linestyle=":")
         ax.set_xlabel("acceleration over the baseline (x)")
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{name}: acceleration vs top-1 over r1 (Fig. 4)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = os.path.join(out_dir, f"fig4_{slug}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish_plot(plt, fig, ax, f"{name}: acceleration vs top-1 over r1 (Fig. 4)",
+                                    os.path.join(out_dir, f"fig4_{slug}.png")))
     return written
 
 

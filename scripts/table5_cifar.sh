@@ -46,6 +46,7 @@ for size in tiny small; do
 done
 DATA="$CIFAR_DATA"
 SMOKE_DATA_ARGS=()  # smoke: the tiny self-made CIFAR files, not FAKE
+deit_recipe_args   # DeiT's augmentation/regularisation/EMA flags, as in pre-training
 
 for size in tiny small; do
     for dataset in CIFAR10 CIFAR100; do
@@ -55,13 +56,7 @@ for size in tiny small; do
             CIFAR_ARGS=(--model "deit_${size}_patch16_224" --data-set "$dataset" --data-path "$DATA"
                         --finetune "$OUT/table2/$pre_dir/checkpoint.pth" --input-size 224 --epochs "$CIFAR_EPOCHS"
                         --opt sgd --momentum 0.9 --weight-decay "$CIFAR_WD" --lr "$CIFAR_LR" --unscale-lr
-                        --sched cosine --warmup-lr 1e-6 --min-lr 1e-5 --warmup-epochs 5 --cooldown-epochs 10
-                        --decay-rate 0.1 --drop 0.0 --drop-path 0.1
-                        --color-jitter 0.3 --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --train-interpolation bicubic
-                        --reprob 0.25 --remode pixel --recount 1 --repeated-aug --ra-reps 3
-                        --mixup 0.8 --cutmix 1.0 --mixup-prob 1.0 --mixup-switch-prob 0.5 --mixup-mode batch
-                        --distillation-type none --model-ema --model-ema-decay 0.99996
-                        --eval-crop-ratio 0.875 --dist-eval --amp "$AMP" --num_workers "$WORKERS" --pin-mem --seed 0)
+                        --sched cosine "${DEIT_RECIPE_ARGS[@]}")
             launch table5 "deit_${size}_${ds}_pre_${pre}_ft_baseline" "$CIFAR_BATCH" "${CIFAR_ARGS[@]}"
             toe_args 0.5
             launch table5 "deit_${size}_${ds}_pre_${pre}_ft_toe_r1_0.5" "$CIFAR_BATCH" "${CIFAR_ARGS[@]}" "${TOE_ARGS[@]}"
