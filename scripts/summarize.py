@@ -541,7 +541,6 @@ def plot_groups(runs: List[Run]) -> Dict[Tuple[str, bool], Dict[str, List[Run]]]
     return {k: v for k, v in groups.items() if v["baseline"] and v["toe"]}
 
 
-
 def _finish_plot(plt: Any, fig: Any, ax: Any, title: str, path: str) -> str:
     """Title, grid and legend, then write ``path`` (PNG) and close the figure; returns ``path``."""
     ax.set_title(title)
@@ -551,6 +550,7 @@ def _finish_plot(plt: Any, fig: Any, ax: Any, title: str, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
 
 def draw_plots(runs: List[Run], out_dir: str, use_flops: bool) -> List[str]:
     """Fig. 3 and Fig. 4 PNGs into ``out_dir``; [] with a one-line message when matplotlib is missing."""
