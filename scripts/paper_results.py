@@ -37,6 +37,18 @@ def _row(label: str, match: Dict[str, Any], **paper: Any) -> Dict[str, Any]:
     return {"label": label, "match": match, "paper": paper}
 
 
+def _imagenet_rows(model: str, group: str, rows: List[tuple], token_label: bool) -> List[Dict[str, Any]]:
+    """Tables 2/3: (label, r1 or None for the baseline, top-1, GFLOPs, GFLOPs speedup, GPU hours,
+    acceleration) rows of one ImageNet model -> row dicts."""
+    out = []
+    for label, r1, top1, gflops, gflops_x, hours, accel in rows:
+        match = (baseline(model, dataset="imagenet", token_label=token_label) if r1 is None
+                 else toe(model, r1, dataset="imagenet", token_label=token_label))
+        out.append(dict(_row(label, match, top1=top1, gflops=gflops, gflops_speedup=gflops_x, gpu_hours=hours,
+                             acceleration=accel), group=group))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ Table 2
 _T2: List[Dict[str, Any]] = []
 for _size, _rows in {
@@ -48,11 +60,7 @@ for _size, _rows in {
              ("ToE r1=0.5", 0.5, 81.6, 4.0e4, 1.30, 231.2, 1.27),
              ("ToE r1=0.4", 0.4, 81.4, 3.8e4, 1.37, 225.2, 1.30)],
 }.items():
-    for _label, _r1, _top1, _gf, _gfx, _hours, _acc in _rows:
-        _match = (baseline(DEIT[_size], dataset="imagenet", token_label=False) if _r1 is None
-                  else toe(DEIT[_size], _r1, dataset="imagenet", token_label=False))
-        _T2.append(dict(_row(_label, _match, top1=_top1, gflops=_gf, gflops_speedup=_gfx, gpu_hours=_hours,
-                             acceleration=_acc), group=f"DeiT-{_size}"))
+    _T2 += _imagenet_rows(DEIT[_size], f"DeiT-{_size}", _rows, token_label=False)
 
 # ------------------------------------------------------------------------------------------------ Table 3
 _T3: List[Dict[str, Any]] = []
@@ -64,11 +72,7 @@ for _size, _rows in {
     "M": [("Baseline", None, 84.1, 3.7e4, None, 368.7, 1.00),
           ("ToE r1=0.4", 0.4, 84.1, 2.7e4, 1.37, 292.5, 1.26)],
 }.items():
-    for _label, _r1, _top1, _gf, _gfx, _hours, _acc in _rows:
-        _match = (baseline(LVVIT[_size], dataset="imagenet", token_label=True) if _r1 is None
-                  else toe(LVVIT[_size], _r1, dataset="imagenet", token_label=True))
-        _T3.append(dict(_row(_label, _match, top1=_top1, gflops=_gf, gflops_speedup=_gfx, gpu_hours=_hours,
-                             acceleration=_acc), group=f"LV-ViT-{_size}"))
+    _T3 += _imagenet_rows(LVVIT[_size], f"LV-ViT-{_size}", _rows, token_label=True)
 
 # ------------------------------------------------------------------------------------------------ Table 5
 # (pre-training, fine-tuning) -> (CIFAR-10, CIFAR-100) top-1. The paper's DeiT-small row 2 prints "1.3x" as
