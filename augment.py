@@ -54,15 +54,11 @@ def _blur_kernel(size: int) -> int:
     return k
 
 
-def new_data_aug_generator(args: Any) -> Callable:
-    """Build the 3-Augment training transform from DeiT-style ``args``.
+def new_data_aug_generator(size: int, src: bool, cj: float) -> Callable:
+    """3-Augment at ``size`` px (``src``: DeiT III's simple random crop; ``cj``: colour-jitter strength).
 
-    Reads ``input_size`` (default 224), ``src`` (default False) and ``color_jitter`` (default 0.3).
-    Returns a callable mapping a PIL image to a normalised float tensor of shape [3, input_size, input_size].
+    Returns a callable mapping a PIL image to a normalised float tensor of shape [3, size, size].
     """
-    size = int(getattr(args, "input_size", 224))
-    src = bool(getattr(args, "src", False))
-    cj = getattr(args, "color_jitter", 0.3)
     bicubic = InterpolationMode.BICUBIC
 
     if size <= 32:

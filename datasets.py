@@ -1,13 +1,13 @@
 """Data sets and transforms for DeiT-style training.
 
-Public API (``args`` is any object with DeiT flag names; missing optional fields take defaults):
+Public API (plain values only):
 
-- ``build_transform(is_train, args)`` -> callable: PIL image -> float tensor [3, S, S], S = args.input_size.
-- ``build_dataset(is_train, args)`` -> (dataset, nb_classes); ``dataset[i]`` -> (tensor [3, S, S], int label).
+- ``AugmentConfig`` and ``build_transform(is_train, aug)`` -> callable: PIL image -> float tensor [3, S, S].
+- ``DataSpec`` and ``build_dataset(is_train, spec, transform)`` -> (dataset, nb_classes).
 - ``DataError``: one-line error for bad data input (missing/empty path, missing CIFAR files, unknown set,
   corrupt image). The training entry turns it into exit code 2.
 - ``skipped_images(dataset)`` / ``bad_images(dataset)``: images replaced because they could not be decoded
-  (``args.skip_bad_images``), counted across DataLoader worker processes.
+  (``DataSpec.skip_bad_images``), counted across DataLoader worker processes.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import socket
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,6 +32,7 @@ from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import InterpolationMode
 
+from errors import DataError
 from augment import new_data_aug_generator, posterize_any_bits, simple_random_crop
 
 __all__ = [
@@ -42,36 +44,31 @@ DEFAULT_AA = "rand-m9-mstd0.5-inc1"  # DeiT's --aa default
 DATA_SETS = ("IMNET", "CIFAR10", "CIFAR100", "INAT18", "INAT19", "FOLDER", "FAKE")
 
 
-# ----------------------------------------------------------------------------------------------- errors
-class DataError(ValueError):
-    """Bad data input. ``str(err)`` is always a single line.
-
-    A DataLoader worker re-raises an exception in the main process as ``type(exc)(long_text)`` where the
-    text holds the worker's traceback; the constructor recovers the original one-line message from it so
-    the caller can still print one clean line. The full worker text is kept in ``.detail``.
-    """
-
-    def __init__(self, message: str = "") -> None:
-        message = str(message)
-        self.detail = message
-        if message.startswith("Caught ") and "Traceback" in message:
-            lines = [ln for ln in message.strip().splitlines() if ln.strip()]
-            last = lines[-1] if lines else message
-            # the traceback's last line is "module.ClassName: message"
-            m = re.match(r"^[\w.]*(?:DataError|CorruptImageError): (.*)$", last)
-            message = m.group(1) if m else last
-        super().__init__(" ".join(message.split("\n")).strip())
-
-
 class CorruptImageError(DataError):
     """An image file that cannot be read or decoded; the message names the file."""
 
 
 # ------------------------------------------------------------------------------------------- transforms
-def _opt(args: Any, name: str, default: Any) -> Any:
-    """``getattr`` that also treats an explicit None as missing."""
-    v = getattr(args, name, default)
-    return default if v is None else v
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The augmentation recipe (DeiT's flags): every field is required, so the command line's defaults are
+    the only defaults. ``aa`` None or 'none' disables RandAugment; ``eval_crop_ratio`` is the share of the
+    resized short side kept by the eval centre crop."""
+
+    input_size: int
+    aa: Optional[str]
+    color_jitter: float
+    train_interpolation: str
+    reprob: float
+    remode: str
+    recount: int
+    three_augment: bool
+    simple_random_crop: bool
+    eval_crop_ratio: float
+
+    def with_train_stage(self, input_size: int, aa: Optional[str]) -> "AugmentConfig":
+        """The same recipe at another training size and RandAugment policy (curriculum phases)."""
+        return replace(self, input_size=int(input_size), aa=aa)
 
 
 def _interp(name: str) -> InterpolationMode:
@@ -95,55 +92,55 @@ def _patch_posterize(tf: Any) -> None:
                 op.aug_fn = posterize_any_bits
 
 
-def build_transform(is_train: bool, args: Any) -> Callable:
-    """DeiT train / eval transform. Output: float tensor [3, S, S] normalised with ImageNet mean/std.
+def _auto_augment(aa: Optional[str]) -> Optional[str]:
+    if aa is None or aa.strip().lower() in ("", "none"):
+        return None
+    return aa
 
-    Train: timm ``create_transform`` (RandAugment ``args.aa``, colour jitter, random erasing); for S <= 32
-    the random resized crop is replaced by resize-short-side + random crop with 4 px padding; ``args.src``
-    uses the simple random crop instead of the resized crop; ``args.ThreeAugment`` returns 3-Augment.
-    Eval: resize the short side to int(S / eval_crop_ratio) and centre crop S (for S <= 32: resize to S
-    and centre crop, i.e. a direct resize for square images).
+
+def build_train_transform(aug: AugmentConfig) -> Callable:
+    """DeiT training transform: PIL image -> normalised float tensor [3, S, S], S = ``aug.input_size``.
+
+    timm ``create_transform`` (RandAugment, colour jitter, random erasing); for S <= 32 the random resized
+    crop becomes resize + 4 px padded random crop; ``simple_random_crop`` swaps in DeiT III's simple crop;
+    ``three_augment`` returns DeiT III's 3-Augment.
     """
-    size = int(_opt(args, "input_size", 224))
-    bicubic = InterpolationMode.BICUBIC
-    if is_train:
-        if _opt(args, "ThreeAugment", False):
-            return new_data_aug_generator(args)
-        aa = getattr(args, "aa", DEFAULT_AA)  # an explicit None (or 'none') disables auto-augment
-        if isinstance(aa, str) and aa.strip().lower() in ("", "none"):
-            aa = None
-        remode = str(_opt(args, "remode", "pixel"))
-        if remode.lower() not in ("pixel", "rand", "const"):
-            raise DataError(f"--remode must be pixel, rand or const, got '{remode}'")
-        interpolation = _opt(args, "train_interpolation", "bicubic")
-        try:
-            tf = create_transform(
-                input_size=size,
-                is_training=True,
-                color_jitter=_opt(args, "color_jitter", 0.3),
-                auto_augment=aa,
-                interpolation=interpolation,
-                re_prob=float(_opt(args, "reprob", 0.25)),
-                re_mode=remode,
-                re_count=int(_opt(args, "recount", 1)),
-            )
-        except (AssertionError, KeyError, ValueError) as e:  # timm validates with asserts / dict lookups
-            raise DataError(f"bad augmentation setting (--aa '{aa}', --train-interpolation '{interpolation}'): "
-                            f"{type(e).__name__}: {e}") from None
-        _patch_posterize(tf)
-        if size <= 32:
-            # a resized crop of a 32 px image keeps too little of it; pad-and-crop is the CIFAR standard
-            tf.transforms[0] = T.Compose([T.Resize(size, interpolation=bicubic), T.RandomCrop(size, padding=4)])
-        elif _opt(args, "src", False):
-            tf.transforms[0] = simple_random_crop(size, _interp(_opt(args, "train_interpolation", "bicubic")))
-        return tf
-
+    size = int(aug.input_size)
+    if aug.three_augment:
+        return new_data_aug_generator(size, aug.simple_random_crop, aug.color_jitter)
+    aa = _auto_augment(aug.aa)
+    if aug.remode.lower() not in ("pixel", "rand", "const"):
+        raise DataError(f"--remode must be pixel, rand or const, got '{aug.remode}'")
+    try:
+        tf = create_transform(input_size=size, is_training=True, color_jitter=aug.color_jitter, auto_augment=aa,
+                              interpolation=aug.train_interpolation, re_prob=float(aug.reprob),
+                              re_mode=aug.remode, re_count=int(aug.recount))
+    except (AssertionError, KeyError, ValueError) as e:  # timm validates with asserts / dict lookups
+        raise DataError(f"bad augmentation setting (--aa '{aa}', --train-interpolation "
+                        f"'{aug.train_interpolation}'): {type(e).__name__}: {e}") from None
+    _patch_posterize(tf)
     if size <= 32:
-        geometry = [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)]
-    else:
-        ratio = float(_opt(args, "eval_crop_ratio", 0.875))
-        geometry = [T.Resize(int(size / ratio), interpolation=bicubic), T.CenterCrop(size)]
-    return T.Compose(geometry + [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+        # a resized crop of a 32 px image keeps too little of it; pad-and-crop is the CIFAR standard
+        tf.transforms[0] = T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC),
+                                      T.RandomCrop(size, padding=4)])
+    elif aug.simple_random_crop:
+        tf.transforms[0] = simple_random_crop(size, _interp(aug.train_interpolation))
+    return tf
+
+
+def build_eval_transform(input_size: int, eval_crop_ratio: float) -> Callable:
+    """Resize the short side to int(S / eval_crop_ratio), centre-crop S, normalise; for S <= 32 the image
+    is resized to S directly (no margin to crop away at CIFAR scale)."""
+    size = int(input_size)
+    bicubic = InterpolationMode.BICUBIC
+    resize_to = size if size <= 32 else int(size / float(eval_crop_ratio))
+    return T.Compose([T.Resize(resize_to, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def build_transform(is_train: bool, aug: AugmentConfig) -> Callable:
+    """The train or eval transform of ``aug``."""
+    return build_train_transform(aug) if is_train else build_eval_transform(aug.input_size, aug.eval_crop_ratio)
 
 
 # ------------------------------------------------------------------------------ robust image loading
@@ -537,44 +534,51 @@ def _require_dir(path: Optional[str], data_set: str) -> str:
     return path
 
 
-def build_dataset(is_train: bool, args: Any) -> tuple[Dataset, int]:
-    """Build the train or val split of ``args.data_set`` with ``build_transform(is_train, args)``.
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data set to read: ``name`` is one of DATA_SETS, ``path`` its root. ``fake_size`` and
+    ``fake_classes`` size the synthetic FAKE set, whose images are ``fake_image_size`` px."""
 
-    Returns (dataset, nb_classes); items are (tensor [3, S, S], int label). Raises DataError on bad input.
+    name: str
+    path: Optional[str]
+    skip_bad_images: bool
+    inat_category: str = "name"
+    fake_size: int = 1000
+    fake_classes: int = 10
+    fake_image_size: int = 224
+    fake_seed: int = 0
+
+
+def build_dataset(is_train: bool, spec: DataSpec, transform: Optional[Callable]) -> tuple[Dataset, int]:
+    """The train or val split of ``spec`` with ``transform`` applied to each PIL image.
+
+    Returns (dataset, nb_classes); items are (transform(image), int label). Raises DataError on bad input.
     """
-    name = str(_opt(args, "data_set", "IMNET")).upper()
-    transform = build_transform(is_train, args)
-    skip = bool(_opt(args, "skip_bad_images", False))
-    data_path = _opt(args, "data_path", None)
-
+    name = spec.name.upper()
     if name == "FAKE":
-        n_train = int(_opt(args, "fake_size", 1000))
-        nb = int(_opt(args, "nb_classes", 10))
-        n = n_train if is_train else max(1, n_train // 5)
-        ds = FakeDataset(n, nb, int(_opt(args, "input_size", 224)), train=is_train, transform=transform,
-                         seed=int(_opt(args, "fake_seed", 0)))
-        return ds, nb
+        n = spec.fake_size if is_train else max(1, spec.fake_size // 5)
+        ds = FakeDataset(n, spec.fake_classes, spec.fake_image_size, train=is_train, transform=transform,
+                         seed=spec.fake_seed)
+        return ds, spec.fake_classes
 
     if name in ("CIFAR10", "CIFAR100"):
-        if not data_path:
+        if not spec.path:
             raise DataError(f"--data-path is required for --data-set {name}")
-        root = os.path.expanduser(str(data_path))
-        ds = load_cifar(name, root, is_train, transform)
+        ds = load_cifar(name, os.path.expanduser(spec.path), is_train, transform)
         return ds, len(ds.classes)
 
     if name in ("IMNET", "FOLDER"):
-        root = _require_dir(data_path, name)
+        root = _require_dir(spec.path, name)
         train_dir = os.path.join(root, "train")
         split_dir = train_dir if is_train else os.path.join(root, "val")
         class_root = train_dir if os.path.isdir(train_dir) else None
-        ds = _image_folder(split_dir, transform, class_root, skip)
+        ds = _image_folder(split_dir, transform, class_root, spec.skip_bad_images)
         return ds, len(ds.classes)
 
     if name in ("INAT18", "INAT19"):
-        root = _require_dir(data_path, name)
-        year = 2018 if name == "INAT18" else 2019
-        ds = INatDataset(root, train=is_train, year=year, category=str(_opt(args, "inat_category", "name")),
-                         transform=transform, skip_bad_images=skip)
+        root = _require_dir(spec.path, name)
+        ds = INatDataset(root, train=is_train, year=2018 if name == "INAT18" else 2019,
+                         category=spec.inat_category, transform=transform, skip_bad_images=spec.skip_bad_images)
         return ds, len(ds.classes)
 
     raise DataError(f"unknown --data-set '{name}'; choose one of {', '.join(DATA_SETS)}")
