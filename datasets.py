@@ -98,6 +98,17 @@ def _auto_augment(aa: Optional[str]) -> Optional[str]:
     return aa
 
 
+def aa_with_magnitude(aa: Optional[str], magnitude: int) -> str:
+    """A RandAugment policy string at another magnitude: 'rand-m9-mstd0.5-inc1', 3 -> 'rand-m3-mstd0.5-inc1'.
+    A policy without an m field gains one; no policy at all means DeiT's default one at ``magnitude``."""
+    policy = _auto_augment(aa) or DEFAULT_AA
+    parts = policy.split("-")
+    if parts[0] != "rand":
+        raise DataError(f"a curriculum sets the RandAugment magnitude, so --aa must be a rand-... policy, got '{aa}'")
+    kept = [p for p in parts[1:] if not (p.startswith("m") and p[1:].isdigit())]
+    return "-".join(["rand", f"m{int(magnitude)}"] + kept)
+
+
 def build_train_transform(aug: AugmentConfig) -> Callable:
     """DeiT training transform: PIL image -> normalised float tensor [3, S, S], S = ``aug.input_size``.
 

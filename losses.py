@@ -14,57 +14,67 @@ import torch.nn.functional as F
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
-class DistillationLoss(nn.Module):
-    """DeiT's knowledge distillation loss (Touvron et al. 2021), also the plain loss when type is 'none'.
+def split_logits(outputs: Outputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(class logits, logits to distill): a distilled model's two heads, or the class head twice."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs, outputs
+    class_logits, dist_logits = outputs
+    return class_logits, dist_logits
 
-    outputs: logits [B, K], or (cls_logits [B, K], dist_logits [B, K]) from a distilled model in training.
-    targets: class indices [B] or soft/mixed targets [B, K] (whatever `base_criterion` accepts).
-    soft: alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 (summed, divided by the number of logits)
-          + (1 - alpha) * base.
-    hard: alpha * CE(dist_logits, argmax teacher) + (1 - alpha) * base.
-    The distillation term uses the distillation-token logits when the model has them, else the class logits.
+
+def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)), summed and divided by the number of
+    logits (DeiT's normalisation). Computed in fp32 log space so autocast does not flush small terms."""
+    log_p_student = F.log_softmax(student.float() / tau, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.float() / tau, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    return kl * (tau ** 2) / student.numel()
+
+
+def hard_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy against the teacher's argmax class (tau unused)."""
+    return F.cross_entropy(student, teacher.argmax(dim=-1))
+
+
+_DISTILLATION_TERMS = {"soft": soft_distillation, "hard": hard_distillation}
+
+
+class DistillationLoss(nn.Module):
+    """Classification loss, optionally blended with a distillation term (Touvron et al. 2021):
+
+        (1 - alpha) * base(class_logits, targets) + alpha * term(dist_logits, teacher(samples))
+
+    ``outputs`` are logits [B, K], or (class [B, K], distillation-token [B, K]) logits of a distilled model in
+    training; a model without a distillation token distills through its class logits. ``term`` is
+    :func:`soft_distillation` or :func:`hard_distillation`; with type 'none' the loss is ``base`` alone.
     """
 
     def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
                  alpha: float, tau: float) -> None:
         super().__init__()
-        if distillation_type not in ("none", "soft", "hard"):
+        if distillation_type != "none" and distillation_type not in _DISTILLATION_TERMS:
             raise ValueError(f"distillation_type must be none|soft|hard, got {distillation_type!r}")
         if distillation_type != "none" and teacher_model is None:
             raise ValueError("a teacher model is required for soft or hard distillation")
         self.base_criterion = base_criterion
-        # Keep the teacher out of this module's parameters/state_dict: it is frozen and not checkpointed.
-        self.__dict__["teacher_model"] = teacher_model
         self.distillation_type = distillation_type
         self.alpha = float(alpha)
         self.tau = float(tau)
+        # a frozen teacher is not part of this module's parameters or state_dict
+        self._teacher = (teacher_model,)
+
+    @torch.no_grad()
+    def teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
+        out = self._teacher[0](samples)
+        return out if isinstance(out, torch.Tensor) else out[0]
 
     def forward(self, samples: torch.Tensor, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
-        outputs_kd = None
-        if not isinstance(outputs, torch.Tensor):
-            outputs, outputs_kd = outputs
-        base_loss = self.base_criterion(outputs, targets)
+        class_logits, dist_logits = split_logits(outputs)
+        supervised = self.base_criterion(class_logits, targets)
         if self.distillation_type == "none":
-            return base_loss
-        if outputs_kd is None:
-            outputs_kd = outputs  # a student without a distillation token distills through its class token
-
-        teacher = self.__dict__["teacher_model"]
-        with torch.no_grad():
-            teacher_outputs = teacher(samples)
-            if not isinstance(teacher_outputs, torch.Tensor):
-                teacher_outputs = teacher_outputs[0]
-
-        if self.distillation_type == "soft":
-            T = self.tau
-            # KL in log space for stability; fp32 so bf16/fp16 autocast does not lose the small terms
-            s = F.log_softmax(outputs_kd.float() / T, dim=1)
-            t = F.log_softmax(teacher_outputs.float() / T, dim=1)
-            distillation_loss = F.kl_div(s, t, reduction="sum", log_target=True) * (T * T) / outputs_kd.numel()
-        else:
-            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
-
-        return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+            return supervised
+        term = _DISTILLATION_TERMS[self.distillation_type](dist_logits, self.teacher_logits(samples), self.tau)
+        return (1.0 - self.alpha) * supervised + self.alpha * term
 
 
 def build_base_criterion(*, mixup_active: bool, smoothing: float, bce_loss: bool,

@@ -15,7 +15,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -113,7 +113,7 @@ class Trainer:
 
     @staticmethod
     def _setup_distributed_env() -> None:
-        """torchrun-style variables from the SLURM task, read by utils.init_distributed_mode."""
+        """torchrun-style variables from the SLURM task, read by distributed.launcher_placement."""
         try:
             import submitit
 
@@ -129,37 +129,41 @@ class Trainer:
         os.environ["WORLD_SIZE"] = str(env.num_tasks)
 
 
+# submitit resubmits a job that hit its time limit at most this many times (a preemption does not count)
+REQUEUE_LIMIT = 30
+
+
+def slurm_parameters(args: argparse.Namespace, job_name: str) -> Dict[str, Any]:
+    """submitit executor parameters: one task per GPU on every node, SIGUSR1 two minutes before the limit
+    so the job can requeue itself; optional SLURM settings only when given."""
+    params: Dict[str, Any] = {"nodes": args.nodes, "gpus_per_node": args.ngpus, "tasks_per_node": args.ngpus,
+                              "cpus_per_task": args.cpus_per_task, "timeout_min": args.timeout,
+                              "slurm_signal_delay_s": 120, "name": job_name}
+    optional = {"slurm_partition": args.partition, "slurm_comment": args.comment,
+                "slurm_constraint": "volta32gb" if args.use_volta32 else None,
+                "mem_gb": args.mem_per_gpu * args.ngpus if args.mem_per_gpu else None}
+    params.update({key: value for key, value in optional.items() if value})
+    return params
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import submitit
 
-    args, main_argv = parse_args(argv)
-    # catch flag typos here rather than after hours in the queue
-    import main as entry
+    from errors import UsageError
+    from main import get_args_parser
 
-    try:
-        entry.get_args_parser().parse_args(main_argv)
-    except entry.UsageError as e:
+    args, main_argv = parse_args(argv)
+    try:  # a typo in main.py's flags should fail now, not after hours in the queue
+        get_args_parser().parse_args(main_argv)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
     job_dir = args.job_dir or str(Path("submitit") / "%j")
     Path(job_dir.replace("%j", "")).mkdir(parents=True, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=job_dir, slurm_max_num_timeout=30)
-    kwargs = {}
-    if args.use_volta32:
-        kwargs["slurm_constraint"] = "volta32gb"
-    if args.comment:
-        kwargs["slurm_comment"] = args.comment
-    if args.partition:
-        kwargs["slurm_partition"] = args.partition
-    if args.mem_per_gpu:
-        kwargs["mem_gb"] = args.mem_per_gpu * args.ngpus
-    executor.update_parameters(
-        gpus_per_node=args.ngpus, tasks_per_node=args.ngpus, cpus_per_task=args.cpus_per_task,
-        nodes=args.nodes, timeout_min=args.timeout, slurm_signal_delay_s=120, name=f"toe-{uuid.uuid4().hex[:6]}",
-        **kwargs)
+    executor = submitit.AutoExecutor(folder=job_dir, slurm_max_num_timeout=REQUEUE_LIMIT)
+    executor.update_parameters(**slurm_parameters(args, job_name=f"toe-{uuid.uuid4().hex[:6]}"))
     job = executor.submit(Trainer(main_argv, job_dir))
-    print(f"Submitted job {job.job_id}; logs and checkpoints in {job_dir.replace('%j', str(job.job_id))}")
+    print(f"submitted job {job.job_id}: output and checkpoints in {job_dir.replace('%j', str(job.job_id))}")
     return 0
 
 

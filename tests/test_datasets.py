@@ -29,8 +29,41 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+# DeiT's recipe as the training entry's flags give it (main.py defaults)
+DEIT_AUG = dict(input_size=224, aa="rand-m9-mstd0.5-inc1", color_jitter=0.3, train_interpolation="bicubic",
+                reprob=0.25, remode="pixel", recount=1, three_augment=False, simple_random_crop=False,
+                eval_crop_ratio=0.875)
+_FLAG_TO_AUG = {"ThreeAugment": "three_augment", "src": "simple_random_crop"}
+
+
 def ns(**kw) -> argparse.Namespace:
+    """Flag-named settings, as the tests below write them."""
     return argparse.Namespace(**kw)
+
+
+def aug_of(a: argparse.Namespace) -> "D.AugmentConfig":
+    values = dict(DEIT_AUG)
+    for key, value in vars(a).items():
+        key = _FLAG_TO_AUG.get(key, key)
+        if key in values:
+            values[key] = value
+    return D.AugmentConfig(**values)
+
+
+def spec_of(a: argparse.Namespace) -> "D.DataSpec":
+    v = vars(a)
+    return D.DataSpec(name=v.get("data_set", "IMNET"), path=v.get("data_path"),
+                      skip_bad_images=v.get("skip_bad_images", False), inat_category=v.get("inat_category", "name"),
+                      fake_size=v.get("fake_size", 1000), fake_classes=v.get("nb_classes", 10),
+                      fake_image_size=v.get("input_size", 224))
+
+
+def build_dataset(is_train: bool, a: argparse.Namespace):
+    return D.build_dataset(is_train, spec_of(a), D.build_transform(is_train, aug_of(a)))
+
+
+def build_transform(is_train: bool, a: argparse.Namespace):
+    return D.build_transform(is_train, aug_of(a))
 
 
 def to_tensor() -> T.Compose:
@@ -40,9 +73,9 @@ def to_tensor() -> T.Compose:
 # ------------------------------------------------------------------------------------------------ FAKE
 def test_fake_is_deterministic_split_dependent_and_balanced():
     a = ns(data_set="FAKE", input_size=32)  # fake_size / nb_classes take their defaults
-    tr1, nb = D.build_dataset(True, a)
-    tr2, _ = D.build_dataset(True, a)
-    va, nb_va = D.build_dataset(False, a)
+    tr1, nb = build_dataset(True, a)
+    tr2, _ = build_dataset(True, a)
+    va, nb_va = build_dataset(False, a)
     assert (nb, nb_va, len(tr1), len(va)) == (10, 10, 1000, 200)
     for i in (0, 17, 999):
         assert np.array_equal(np.asarray(tr1.image(i)), np.asarray(tr2.image(i)))
@@ -53,8 +86,8 @@ def test_fake_is_deterministic_split_dependent_and_balanced():
     x, y = tr1[5]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
 
-    small, nb7 = D.build_dataset(True, ns(data_set="FAKE", input_size=24, fake_size=50, nb_classes=7))
-    small_val, _ = D.build_dataset(False, ns(data_set="FAKE", input_size=24, fake_size=50, nb_classes=7))
+    small, nb7 = build_dataset(True, ns(data_set="FAKE", input_size=24, fake_size=50, nb_classes=7))
+    small_val, _ = build_dataset(False, ns(data_set="FAKE", input_size=24, fake_size=50, nb_classes=7))
     assert (nb7, len(small), len(small_val)) == (7, 50, 10)
     assert small.image(0).size == (24, 24) and max(small.targets) == 6
 
@@ -62,8 +95,8 @@ def test_fake_is_deterministic_split_dependent_and_balanced():
 def test_fake_class_is_visible_in_raw_pixels():
     # independent of any model: a nearest class-mean classifier on raw pixels must work on val
     a = ns(data_set="FAKE", input_size=16, fake_size=400)
-    tr, nb = D.build_dataset(True, a)
-    va, _ = D.build_dataset(False, a)
+    tr, nb = build_dataset(True, a)
+    va, _ = build_dataset(False, a)
     feats = lambda ds: np.stack([np.asarray(ds.image(i), np.float32).mean((0, 1)) for i in range(len(ds))])
     xt, xv = feats(tr), feats(va)
     means = np.stack([xt[np.array(tr.targets) == c].mean(0) for c in range(nb)])
@@ -76,8 +109,8 @@ def test_fake_is_learnable_by_tiny_vit_with_deit_augmentation():
 
     torch.manual_seed(0)
     a = ns(data_set="FAKE", input_size=32, fake_size=320, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
-    tr, nb = D.build_dataset(True, a)
-    va, _ = D.build_dataset(False, a)
+    tr, nb = build_dataset(True, a)
+    va, _ = build_dataset(False, a)
     model = timm.models.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
                                           num_classes=nb)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -108,7 +141,7 @@ def _rgb(w: int, h: int, seed: int = 0) -> Image.Image:
 def test_transform_output_shapes(size, extra):
     a = ns(input_size=size, **extra)
     for is_train in (True, False):
-        tf = D.build_transform(is_train, a)
+        tf = build_transform(is_train, a)
         for img in (_rgb(70, 50), _rgb(32, 32, 1), _rgb(20, 40, 2)):
             x = tf(img)
             assert x.shape == (3, size, size) and x.dtype == torch.float32
@@ -118,27 +151,27 @@ def test_transform_structure():
     def names(tf):
         return [type(t).__name__ for t in tf.transforms]
 
-    dflt = D.build_transform(True, ns(input_size=48))
+    dflt = build_transform(True, ns(input_size=48))
     assert names(dflt)[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names(dflt)
     assert "RandomErasing" in names(dflt)
-    assert "RandAugment" not in names(D.build_transform(True, ns(input_size=48, aa="none")))
-    assert "RandAugment" not in names(D.build_transform(True, ns(input_size=48, aa=None)))
+    assert "RandAugment" not in names(build_transform(True, ns(input_size=48, aa="none")))
+    assert "RandAugment" not in names(build_transform(True, ns(input_size=48, aa=None)))
     # 32 px: the resized crop becomes resize + random crop with 4 px padding
-    first = D.build_transform(True, ns(input_size=32)).transforms[0]
+    first = build_transform(True, ns(input_size=32)).transforms[0]
     assert [type(t).__name__ for t in first.transforms] == ["Resize", "RandomCrop"] and first.transforms[1].padding == 4
-    src = D.build_transform(True, ns(input_size=48, src=True)).transforms[0]
+    src = build_transform(True, ns(input_size=48, src=True)).transforms[0]
     assert [type(t).__name__ for t in src.transforms] == ["Resize", "RandomCrop"]
-    three = D.build_transform(True, ns(input_size=48, ThreeAugment=True))
+    three = build_transform(True, ns(input_size=48, ThreeAugment=True))
     assert names(three)[:3] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomChoice"]
     choice = three.transforms[2].transforms
     assert sorted(type(t).__name__ for t in choice) == ["GaussianBlur", "RandomGrayscale", "RandomSolarize"]
-    assert names(new_data_aug_generator(ns(input_size=48, src=True)))[:2] == ["Resize", "RandomCrop"]
-    assert "ColorJitter" not in names(new_data_aug_generator(ns(input_size=48, color_jitter=0.0)))
+    assert names(new_data_aug_generator(48, True, 0.3))[:2] == ["Resize", "RandomCrop"]
+    assert "ColorJitter" not in names(new_data_aug_generator(48, False, 0.0))
 
 
 def test_three_augment_applies_exactly_one_of_its_three_ops():
     img = _rgb(32, 32, 3)
-    one_of = new_data_aug_generator(ns(input_size=40)).transforms[2]
+    one_of = new_data_aug_generator(40, False, 0.3).transforms[2]
     random.seed(0)  # RandomChoice draws from python's random
     torch.manual_seed(0)
     gray = solar = other = 0
@@ -157,13 +190,13 @@ def test_eval_transform_matches_timm_reference():
     from timm.data.transforms_factory import transforms_imagenet_eval
 
     img = _rgb(90, 70, 4)
-    ours = D.build_transform(False, ns(input_size=48, eval_crop_ratio=0.875))(img)
+    ours = build_transform(False, ns(input_size=48, eval_crop_ratio=0.875))(img)
     ref = transforms_imagenet_eval(img_size=48, crop_pct=0.875, interpolation="bicubic")(img)
     assert torch.allclose(ours, ref, atol=1e-6)
     # 32 px: square images are resized directly to 32 x 32
     sq = _rgb(40, 40, 5)
     direct = (T.ToTensor()(sq.resize((32, 32), Image.BICUBIC)) - MEAN) / STD
-    assert torch.allclose(D.build_transform(False, ns(input_size=32))(sq), direct, atol=2e-2)
+    assert torch.allclose(build_transform(False, ns(input_size=32))(sq), direct, atol=2e-2)
 
 
 @pytest.mark.parametrize("bits", [0, 1, 3, 4])
@@ -173,7 +206,7 @@ def test_posterize_behaves_like_pillow_12(bits):
     out = np.asarray(posterize_any_bits(img, bits))
     ref = np.asarray(img) & np.uint8((~(2 ** (8 - bits) - 1)) & 0xFF)
     assert np.array_equal(out, ref)
-    tf = D.build_transform(True, ns(input_size=32))
+    tf = build_transform(True, ns(input_size=32))
     ops = [op for op in tf.transforms[2].ops if op.name.startswith("Posterize")]
     assert ops and all(op.aug_fn is posterize_any_bits for op in ops)
 
@@ -192,8 +225,8 @@ def test_image_folder_classes_come_from_train(tmp_path):
     _write_tree(tmp_path, {"train": {"ant": 2, "bee": 3, "cat": 1}, "val": {"ant": 1, "cat": 2}})
     for name in ("FOLDER", "IMNET"):
         a = ns(data_set=name, data_path=str(tmp_path), input_size=16)
-        tr, nb = D.build_dataset(True, a)
-        va, nb_val = D.build_dataset(False, a)
+        tr, nb = build_dataset(True, a)
+        va, nb_val = build_dataset(False, a)
         assert (nb, nb_val, len(tr), len(va)) == (3, 3, 6, 3)
         assert sorted(tr.targets) == [0, 0, 1, 1, 1, 2]
         # val has no 'bee' folder, yet 'cat' keeps the training index 2
@@ -212,20 +245,20 @@ def test_missing_or_empty_folder_paths(tmp_path, setup, needle):
     root = tmp_path / "data"
     setup(root)
     with pytest.raises(D.DataError, match=needle) as e:
-        D.build_dataset(True, ns(data_set="FOLDER", data_path=str(root), input_size=16))
+        build_dataset(True, ns(data_set="FOLDER", data_path=str(root), input_size=16))
     assert "\n" not in str(e.value)
 
 
 def test_other_bad_inputs(tmp_path):
     with pytest.raises(D.DataError, match="unknown --data-set 'NOPE'"):
-        D.build_dataset(True, ns(data_set="NOPE", data_path=str(tmp_path)))
+        build_dataset(True, ns(data_set="NOPE", data_path=str(tmp_path)))
     with pytest.raises(D.DataError, match="--data-path is required"):
-        D.build_dataset(True, ns(data_set="IMNET"))
+        build_dataset(True, ns(data_set="IMNET"))
     for bad in ({"aa": "rand-x9"}, {"aa": "foo"}, {"train_interpolation": "nope"}, {"remode": "weird"}):
         with pytest.raises(D.DataError, match="--"):
-            D.build_dataset(True, ns(data_set="FAKE", fake_size=5, input_size=16, **bad))
+            build_dataset(True, ns(data_set="FAKE", fake_size=5, input_size=16, **bad))
     with pytest.raises(D.DataError, match="positive"):
-        D.build_dataset(True, ns(data_set="FAKE", fake_size=0))
+        build_dataset(True, ns(data_set="FAKE", fake_size=0))
     assert issubclass(D.DataError, ValueError) and issubclass(D.CorruptImageError, D.DataError)
 
 
@@ -244,7 +277,7 @@ def _corrupt_tree(root: Path) -> list[str]:
 
 def test_corrupt_image_error_names_the_file(tmp_path):
     bad = _corrupt_tree(tmp_path)
-    ds, _ = D.build_dataset(True, ns(data_set="FOLDER", data_path=str(tmp_path), input_size=16))
+    ds, _ = build_dataset(True, ns(data_set="FOLDER", data_path=str(tmp_path), input_size=16))
     idx = {p: i for i, (p, _) in enumerate(ds.samples)}
     for p in bad:
         with pytest.raises(D.CorruptImageError) as e:
@@ -260,7 +293,7 @@ def test_corrupt_image_error_names_the_file(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_bad_images_counts_across_workers(tmp_path, workers):
     bad = _corrupt_tree(tmp_path)
-    ds, _ = D.build_dataset(True, ns(data_set="FOLDER", data_path=str(tmp_path), input_size=16,
+    ds, _ = build_dataset(True, ns(data_set="FOLDER", data_path=str(tmp_path), input_size=16,
                                      skip_bad_images=True, ThreeAugment=False))
     ds.transform = to_tensor()  # deterministic, to compare replacements
     assert D.skipped_images(ds) == 0
@@ -282,7 +315,7 @@ def test_skip_bad_images_counts_across_workers(tmp_path, workers):
     twin = copy.deepcopy(ds)  # a copy shares the tally
     twin[paths.index(bad[0])]
     assert D.skipped_images(ds) == D.skipped_images(twin) == 5
-    fake, _ = D.build_dataset(True, ns(data_set="FAKE", fake_size=10, input_size=8))
+    fake, _ = build_dataset(True, ns(data_set="FAKE", fake_size=10, input_size=8))
     assert D.skipped_images(fake) == 0 and D.bad_images(fake) == []
 
 
@@ -330,7 +363,7 @@ def test_cifar_from_files_written_in_torchvision_format(tmp_path, name, nc, n_tr
     with pytest.raises(RuntimeError, match="corrupted"):
         cls(str(tmp_path), train=True)
     for is_train, split in ((True, "train"), (False, "test")):
-        ds, nb = D.build_dataset(is_train, ns(data_set=name, data_path=str(tmp_path), input_size=32))
+        ds, nb = build_dataset(is_train, ns(data_set=name, data_path=str(tmp_path), input_size=32))
         assert isinstance(ds, cls) and nb == nc
         imgs, labels = expected[split]
         assert len(ds) == len(imgs) == (n_train if is_train else 6)
@@ -339,10 +372,10 @@ def test_cifar_from_files_written_in_torchvision_format(tmp_path, name, nc, n_tr
         for i in (0, len(ds) - 1):
             img, y = ds[i]
             assert np.array_equal(np.asarray(img), imgs[i]) and y == labels[i]
-        ds.transform = D.build_transform(is_train, ns(input_size=32))
+        ds.transform = build_transform(is_train, ns(input_size=32))
         assert ds[0][0].shape == (3, 32, 32)
     # data_path may also point at the extracted folder itself
-    ds, _ = D.build_dataset(False, ns(data_set=name, data_path=str(tmp_path / cls.base_folder), input_size=32))
+    ds, _ = build_dataset(False, ns(data_set=name, data_path=str(tmp_path / cls.base_folder), input_size=32))
     assert len(ds) == 6
 
 
@@ -370,15 +403,15 @@ def test_cifar_missing_and_not_downloadable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D, "_download_cifar", offline)
     with pytest.raises(D.DataError, match="CIFAR10 files not found .*download failed") as e:
-        D.build_dataset(True, ns(data_set="CIFAR10", data_path=str(tmp_path / "nowhere"), input_size=32))
+        build_dataset(True, ns(data_set="CIFAR10", data_path=str(tmp_path / "nowhere"), input_size=32))
     assert "\n" not in str(e.value) and calls == [str(tmp_path / "nowhere")]
     _write_cifar(tmp_path, "CIFAR100")
     (tmp_path / "cifar-100-python" / "meta").unlink()
     with pytest.raises(D.DataError, match="missing meta"):
-        D.build_dataset(True, ns(data_set="CIFAR100", data_path=str(tmp_path), input_size=32))
+        build_dataset(True, ns(data_set="CIFAR100", data_path=str(tmp_path), input_size=32))
     monkeypatch.setattr(D, "_download_cifar", lambda cls, root: pytest.fail("present files must not download"))
     _write_cifar(tmp_path / "ok", "CIFAR10")
-    D.build_dataset(True, ns(data_set="CIFAR10", data_path=str(tmp_path / "ok"), input_size=32))
+    build_dataset(True, ns(data_set="CIFAR10", data_path=str(tmp_path / "ok"), input_size=32))
 
 
 class _Evil:
@@ -421,16 +454,16 @@ def test_inat_json_layout(tmp_path):
 
     for name in ("INAT18", "INAT19"):
         a = ns(data_set=name, data_path=str(tmp_path), input_size=16)
-        tr, nb = D.build_dataset(True, a)
-        va, nb_val = D.build_dataset(False, a)
+        tr, nb = build_dataset(True, a)
+        va, nb_val = build_dataset(False, a)
         # species, sorted: Apis cerana=0, Apis mellifera=1, Bombus terrestris=2
         assert (nb, nb_val) == (3, 3) and tr.targets == [1, 0, 2, 2] and va.targets == [2, 1]
         assert va[0][0].shape == (3, 16, 16)
-    genus, nb_g = D.build_dataset(False, ns(data_set="INAT18", data_path=str(tmp_path), inat_category="genus",
+    genus, nb_g = build_dataset(False, ns(data_set="INAT18", data_path=str(tmp_path), inat_category="genus",
                                             input_size=16))
     assert nb_g == 2 and genus.targets == [1, 0]
     with pytest.raises(D.DataError, match="unknown iNaturalist category level 'colour'"):
-        D.build_dataset(True, ns(data_set="INAT18", data_path=str(tmp_path), inat_category="colour"))
+        build_dataset(True, ns(data_set="INAT18", data_path=str(tmp_path), inat_category="colour"))
     (tmp_path / "val2019.json").unlink()
     with pytest.raises(D.DataError, match="val2019.json"):
-        D.build_dataset(False, ns(data_set="INAT19", data_path=str(tmp_path)))
+        build_dataset(False, ns(data_set="INAT19", data_path=str(tmp_path)))

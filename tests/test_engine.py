@@ -5,6 +5,8 @@ import copy
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,14 @@ import torch.nn.functional as F
 
 import engine
 import losses
+import checkpoint
+import finetune
+import runlog
 import utils
+from errors import CheckpointError
+from files import atomic_write
+
+from conftest import ROOT
 
 
 def _loader(n: int, batch: int, classes: int = 5, seed: int = 0):
@@ -152,17 +161,16 @@ def test_checkpoint_roundtrip_with_rng_under_weights_only(tmp_path):
     opt.step()
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     path = tmp_path / "ck.pth"
-    args = type("A", (), {})()
-    args.__dict__.update({"lr": 1e-3, "out": tmp_path, "betas": (0.9, 0.99)})
-    utils.save_checkpoint(str(path), model=model, optimizer=opt, lr_scheduler=None, scaler=None, model_ema=None,
-                          epoch=4, args=args, max_accuracy=12.5)
+    flags = utils.plain_dict({"lr": 1e-3, "out": tmp_path, "betas": (0.9, 0.99)})
+    checkpoint.save(str(path), checkpoint.training_state(model=model, optimizer=opt, lr_scheduler=None, scaler=None,
+                                                         model_ema=None, epoch=4, config=flags, max_accuracy=12.5))
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.random(), np.random.rand(4), torch.rand(9)  # advance everything
 
-    ck = utils.load_checkpoint_file(str(path))  # weights_only=True inside
+    ck = checkpoint.read(str(path))  # weights_only=True inside
     assert ck["epoch"] == 4 and ck["max_accuracy"] == 12.5
     assert ck["args"] == {"lr": 1e-3, "out": str(tmp_path), "betas": [0.9, 0.99]}
-    utils.set_rng_state(ck["rng"])
+    checkpoint.restore_rng_state(ck["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     fresh = _mlp()
     fresh.load_state_dict(ck["model"])
@@ -175,14 +183,14 @@ def test_checkpoint_roundtrip_with_rng_under_weights_only(tmp_path):
 
 def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    utils.save_on_master({"v": torch.tensor([1.0])}, str(path))
+    checkpoint.save(str(path), {"v": torch.tensor([1.0])})
 
     def boom(f):
         f.write(b"partial bytes")
         raise KeyboardInterrupt  # e.g. the job is interrupted mid-save
 
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_write_bytes_fn(str(path), boom)
+        atomic_write(str(path), boom)
     assert torch.load(path, weights_only=True)["v"].item() == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]  # no temp file left
 
@@ -190,7 +198,7 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
 def test_truncate_log_keeps_earlier_epochs_once(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("".join(json.dumps({"epoch": e, "x": e}) + "\n" for e in (0, 1, 2, 3)) + '{"epoch": 4, "x"')
-    utils.truncate_log(str(log), 2)
+    runlog.truncate(str(log), 2)
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1]
 
 
@@ -200,7 +208,7 @@ def test_finetune_adaptation_resamples_pos_embed_and_drops_head():
     kw = dict(patch_size=4, depth=2, embed_dim=32, num_heads=2)
     src = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, **kw)
     dst = timm.create_model("deit_tiny_patch16_224", num_classes=100, img_size=48, **kw)
-    fit = utils.adapt_state_dict_for_finetune(src.state_dict(), dst)
+    fit = finetune.adapt_state_dict(src.state_dict(), dst)
     assert sorted(fit["dropped"]) == ["head.bias", "head.weight"] and fit["resampled"]
     pe = fit["state"]["pos_embed"]
     assert pe.shape == (1, 1 + 144, 32)
@@ -212,16 +220,25 @@ def test_finetune_adaptation_resamples_pos_embed_and_drops_head():
     missing, unexpected = dst.load_state_dict(fit["state"], strict=False)
     assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
 
-    with pytest.raises(utils.CheckpointError, match="incompatible"):
+    with pytest.raises(CheckpointError, match="incompatible"):
         other = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=3,
                                   embed_dim=32, num_heads=2)
-        utils.adapt_state_dict_for_finetune(other.state_dict(), dst)
+        finetune.adapt_state_dict(other.state_dict(), dst)
 
 
 def test_epoch_seed_depends_on_seed_rank_epoch_only():
     seeds = {utils.epoch_seed(s, r, e) for s in (0, 1) for r in (0, 1) for e in range(4)}
     assert len(seeds) == 16
-    assert utils.epoch_seed(3, 1, 2) == utils.epoch_seed(3, 1, 2)
+    # a pure function of its arguments: the same value after unrelated random draws, in another process
+    # (numpy's SeedSequence of [seed, rank, epoch] is the independent reference)
+    before = utils.epoch_seed(3, 1, 2)
+    random.random(), np.random.rand(3), torch.rand(2)
+    assert utils.epoch_seed(3, 1, 2) == before
+    assert before == int(np.random.SeedSequence([3, 1, 2]).generate_state(1)[0])
+    code = "import sys; sys.path.insert(0, %r); import utils; print(utils.epoch_seed(3, 1, 2))" % str(ROOT)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert int(other.stdout.strip()) == before, other.stderr
 
 
 def test_submitit_requeue_resumes_from_the_job_checkpoint(tmp_path, monkeypatch):

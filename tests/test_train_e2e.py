@@ -70,30 +70,32 @@ def test_e2e_toe_schedule_checkpoints_and_eval(e2e_run):
     assert abs(res["test_loss"] - rows[-1]["test_loss"]) < 1e-5
 
 
+# main.py in a process that SIGKILLs itself right after iteration 3 of epoch 1: a deterministic kill point
+_KILL_AT_EPOCH1_ITER3 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import progress
+_step = progress.Progress.step
+def step(self, *args, **kwargs):
+    _step(self, *args, **kwargs)
+    if self.title == "train epoch 1" and self.done == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+progress.Progress.step = step
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
 def test_kill9_mid_epoch_then_resume_is_bitwise_identical(e2e_run, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "main.py")] + E2E + ["--output_dir", str(out), "--print-freq", "1"]
-    stdout_path = tmp_path / "stdout.txt"
-    with open(stdout_path, "w") as so:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=so, stderr=subprocess.STDOUT)
-        # poll until epoch 1 is under way (epoch 0's checkpoint exists), then kill -9 mid-epoch
-        deadline = time.time() + 240
-        try:
-            while time.time() < deadline and proc.poll() is None:
-                if re.search(r"Epoch: \[1\] \[ ?[2-4]/10\]", stdout_path.read_text()):
-                    break
-                time.sleep(0.05)
-            assert proc.poll() is None, "run finished before it could be killed:\n" + stdout_path.read_text()[-2000:]
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    # killed in epoch 1 (6+ iterations, an evaluation and a save before its checkpoint): epoch 0 is the last
-    # completed one, unless this machine stalled the poller for that long
-    done = _load(out / "checkpoint.pth")["epoch"]
-    assert done in (0, 1)
-    logged = [r["epoch"] for r in read_log(out / "log.txt")]
-    assert logged == [0, 1] if done == 1 else logged in ([0], [0, 1])  # [0, 1]: killed between log and save
+    script = _KILL_AT_EPOCH1_ITER3.format(root=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script] + E2E + ["--output_dir", str(out), "--print-freq", "1"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "train epoch 1 | 3/10" in proc.stdout and "train epoch 1 | 4/10" not in proc.stdout
+    # killed mid-epoch 1: epoch 0 is the last completed one, and the log holds it alone
+    assert _load(out / "checkpoint.pth")["epoch"] == 0
+    assert [r["epoch"] for r in read_log(out / "log.txt")] == [0]
 
     again = run_main(E2E + ["--output_dir", str(out)])  # same command: --resume auto
     assert again.returncode == 0, again.stderr[-3000:]

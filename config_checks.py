@@ -1,0 +1,168 @@
+"""Checks of the parsed flags, each failing with one UsageError line naming the flag.
+
+:func:`check_flags` needs no torch (a bad flag fails within a second); :func:`check_against_model` builds the
+model on the meta device to check ToE, token labeling and fine-tuning against its real patch grid.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Optional
+
+from errors import UsageError
+
+_AT_LEAST_ONE = ("batch_size", "epochs", "grad_accum_steps", "input_size", "print_freq", "fake_size", "nb_classes",
+                 "ra_reps", "prefetch_factor")
+_PROBABILITIES = ("drop", "drop_path", "smoothing", "distillation_alpha", "mixup_prob", "reprob",
+                  "mixup_switch_prob")
+
+
+def _flag(dest: str) -> str:
+    return "--" + (dest if dest in ("num_workers", "start_epoch", "output_dir") else dest.replace("_", "-"))
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for dest in _AT_LEAST_ONE:
+        if getattr(args, dest) < 1:
+            raise UsageError(f"{_flag(dest)} must be >= 1, got {getattr(args, dest)}")
+    for dest in _PROBABILITIES:
+        if not 0.0 <= getattr(args, dest) <= 1.0:
+            raise UsageError(f"{_flag(dest)} must be in [0, 1], got {getattr(args, dest)}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.start_epoch < 0:
+        raise UsageError(f"--start_epoch must be >= 0, got {args.start_epoch}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.distillation_tau <= 0:
+        raise UsageError(f"--distillation-tau must be > 0, got {args.distillation_tau}")
+    if args.model_ema and not 0.0 < args.model_ema_decay < 1.0:
+        raise UsageError(f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
+    if args.toe_layer < 0:
+        raise UsageError(f"--toe-layer must be >= 0, got {args.toe_layer}")
+    if args.lr_noise is not None and not 1 <= len(args.lr_noise) <= 2:
+        raise UsageError("--lr-noise takes one or two values")
+    if args.eval_crop_ratio is not None and not 0.0 < args.eval_crop_ratio <= 1.0:
+        raise UsageError(f"--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}")
+
+
+def _check_toe_flags(args: argparse.Namespace) -> None:
+    from config import _TOE_FLAG_DEFAULTS, build_schedule
+
+    if args.toe_r1 is None:
+        given = [_flag(dest) for dest, default in _TOE_FLAG_DEFAULTS.items() if getattr(args, dest) != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --toe-r1 "
+                             f"(ToE is off)")
+        return
+    build_schedule(args)  # raises UsageError naming the flag
+    if args.toe_r1 < 1.0 and not args.train_mode:
+        raise UsageError("--no-train-mode cannot be combined with --toe-r1: ToE reduces tokens only while the "
+                         "model is in training mode, so it would silently be off")
+    if args.toe_dense_loss != "merged" and not args.token_label:
+        raise UsageError("--toe-dense-loss only applies with --token-label")
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    if args.data_set == "FAKE" or args.throughput:
+        return
+    if not args.data_path:
+        raise UsageError(f"--data-path is required for --data-set {args.data_set}")
+    path = os.path.expanduser(args.data_path)
+    if args.data_set in ("CIFAR10", "CIFAR100"):  # CIFAR may be downloaded into a new folder
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"data path is not a folder: {args.data_path}")
+        return
+    if not os.path.isdir(path):
+        raise UsageError(f"data path does not exist or is not a folder: {args.data_path}")
+    if not os.listdir(path):
+        raise UsageError(f"data path is empty: {args.data_path}")
+
+
+def _check_token_label(args: argparse.Namespace) -> None:
+    if not args.token_label:
+        if args.token_label_gt or args.token_label_target != "reference":
+            raise UsageError("--token-label-gt/--token-label-target only apply with --token-label")
+        return
+    if args.distillation_type != "none" or args.bce_loss:
+        raise UsageError("--token-label cannot be combined with distillation or --bce-loss")
+    if args.data_set not in ("FAKE", "IMNET", "FOLDER"):
+        raise UsageError(f"--token-label needs an image folder data set (IMNET/FOLDER) or FAKE, not {args.data_set}")
+    if args.token_label_data:
+        if not os.path.isdir(args.token_label_data) or not os.listdir(args.token_label_data):
+            raise UsageError(f"--token-label-data is missing or empty: {args.token_label_data}")
+    elif args.data_set != "FAKE":
+        raise UsageError("--token-label needs --token-label-data (the label maps)")
+    if not 0.0 <= args.smoothing < 1.0:
+        raise UsageError(f"--smoothing must be in [0, 1) with --token-label, got {args.smoothing}")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every check that needs neither torch nor data. Raises UsageError."""
+    _check_ranges(args)
+    if args.resplit:
+        raise UsageError("--resplit is not supported: it erases only augmentation splits (AugMix/JSD), and this "
+                         "training entry makes none")
+    _check_toe_flags(args)
+    _check_data(args)
+    _check_token_label(args)
+    mixing = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and not args.token_label
+    if mixing and args.batch_size % 2:
+        raise UsageError(f"--batch-size must be even with mixup/cutmix, got {args.batch_size}")
+    if args.curriculum != "none" and args.curriculum_table:
+        raise UsageError("give either --curriculum or --curriculum-table, not both")
+    if args.distillation_type != "none" and not args.teacher_path:
+        raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher-path (teacher weights)")
+
+
+def _build_on_meta(model_cfg: Any, num_classes: int, extra: dict):
+    import torch
+
+    import builders
+
+    try:
+        with torch.device("meta"):
+            return builders.create_model(model_cfg.name, num_classes, model_cfg.input_size,
+                                         {**model_cfg.kwargs, **extra})
+    except UsageError:
+        raise
+    except Exception:  # model code that cannot run on meta tensors: build it for real
+        return builders.create_model(model_cfg.name, num_classes, model_cfg.input_size, {**model_cfg.kwargs, **extra})
+
+
+def check_against_model(model_cfg: Any, toe_cfg: Any, token_label: Any, num_classes: int) -> int:
+    """Check the model name, and ToE / token labeling against the model's patch grid. Returns the patch
+    size (for the curriculum's rounding)."""
+    import timm
+
+    import models  # noqa: F401
+
+    if not timm.is_model(model_cfg.name):
+        close = timm.list_models(f"*{model_cfg.name.split('_')[0]}*")[:5] if model_cfg.name else []
+        raise UsageError(f"unknown model '{model_cfg.name}'" + (f" (similar: {', '.join(close)})" if close else ""))
+    model = _build_on_meta(model_cfg, num_classes, {})
+    embed = getattr(model, "patch_embed", None)
+    grid = tuple(getattr(embed, "grid_size", ()) or ())
+    if toe_cfg is not None:
+        _check_toe_on(model, toe_cfg, grid)
+    if token_label is not None and grid and grid != (token_label.label_size, token_label.label_size):
+        raise UsageError(f"--token-label-size {token_label.label_size} does not match the patch grid "
+                         f"{grid[0]}x{grid[1]} of {model_cfg.name} at --input-size {model_cfg.input_size}")
+    patch = getattr(embed, "patch_size", None)
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch or 16)
+
+
+def _check_toe_on(model: Any, toe_cfg: Any, grid: tuple) -> None:
+    import toe
+
+    try:
+        toe.apply(model, toe_cfg.schedule, **toe_cfg.apply_kwargs())
+    except ValueError as e:
+        raise UsageError(f"--toe-layer/--toe-*: {e}") from None
+    if not grid:
+        return
+    patches = int(grid[0] * grid[1])
+    seeds = toe.schedule.count_tokens(toe_cfg.schedule.r0, patches)
+    if seeds < 1:
+        raise UsageError(f"--toe-r1 {toe_cfg.schedule.r1} (r0 {toe_cfg.schedule.r0}) keeps floor(r0 x {patches}) = 0 "
+                         f"seed tokens of this model's {patches} patches; raise --toe-r1 or --toe-r0")
