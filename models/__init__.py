@@ -2,6 +2,7 @@
 
 ``import models`` makes ``timm.create_model("lvvit_t" | "lvvit_s" | "lvvit_m" | "lvvit_l")`` work.
 """
-from .lvvit import LVViT, LVViTDenseOutput, lvvit_l, lvvit_m, lvvit_s, lvvit_t  # noqa: F401  (registers)
+from .lvvit import (TOE_DENSE_LOSS_MODES, LVViT, LVViTDenseOutput, lvvit_l, lvvit_m,  # noqa: F401  (registers)
+                    lvvit_s, lvvit_t)
 
-__all__ = ["LVViT", "LVViTDenseOutput", "lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l"]
+__all__ = ["LVViT", "LVViTDenseOutput", "TOE_DENSE_LOSS_MODES", "lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l"]

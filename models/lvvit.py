@@ -30,9 +30,12 @@ token that now represents it; the aux logits are spread back to the full grid fr
   * ``toe_dense_loss='merged'`` (default): position i gets the logits of the token that represents it
     (itself if kept, the token it was merged into otherwise);
   * ``toe_dense_loss='kept'``: the same gather, but ``mask`` marks only the positions whose own token was
-    kept, so the loss ignores the others.
-Positions dropped by ToE with merging off (assignment -1) have no representing token and are always
-masked out. Nothing is zero-filled.
+    kept, so the loss ignores the others;
+  * ``toe_dense_loss='zero'``: what the official ToE LV-ViT code does, and so what reproduces Table 3 as
+    published: kept positions get their own token's logits, every position ToE removed gets zero logits
+    (a uniform prediction) and is still supervised (no mask).
+In 'merged' and 'kept', positions dropped by ToE with merging off (assignment -1) have no representing
+token and are masked out.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 __all__ = ["LVViT", "LVViTDenseOutput", "ConvStemPatchEmbed", "LVViTBlock", "mixtoken_box", "mix_grid",
            "TOE_DENSE_LOSS_MODES", "spread_to_positions"]
 
-TOE_DENSE_LOSS_MODES = ("merged", "kept")
+TOE_DENSE_LOSS_MODES = ("merged", "kept", "zero")
 
 BBox = Tuple[int, int, int, int]
 
@@ -323,7 +326,7 @@ class LVViT(nn.Module):
                 raise RuntimeError(f"LV-ViT: {aux.shape[1]} patch tokens after the blocks but {num_patches} "
                                    "patches and no ToE assignment; a token-reduction hook must record one")
             return aux, None
-        kept_index = _toe_index(self) if self.toe_dense_loss == "kept" else None
+        kept_index = _toe_index(self) if self.toe_dense_loss in ("kept", "zero") else None
         return spread_to_positions(aux, assignment, self.num_prefix_tokens, self.toe_dense_loss, kept_index)
 
 
@@ -336,20 +339,26 @@ def spread_to_positions(aux: torch.Tensor, assignment: torch.Tensor, num_prefix_
     assignment: [B, M] slot, in the reduced sequence INCLUDING the P prefix tokens, of the token that
       represents each original patch position (``toe.last_assignment``); -1 if dropped.
     mode: "merged" supervises every position by its representing token; "kept" only positions whose own
-      token was kept, which needs ``kept_index`` [B, P + n] (``toe.last_index``: positions of the kept
-      tokens in the unreduced sequence).
-    Returns (out [B, M, C] with out[b, i] = aux[b, assignment[b, i] - P], mask bool [B, M] or None when every
-    position is valid). Invalid positions still hold a representing token's values (never zeros).
+      token was kept; "zero" (the official ToE code, Table 3 as published) gives kept positions their own
+      token's values and every other position zeros, all supervised. "kept" and "zero" need
+      ``kept_index`` [B, P + n] (``toe.last_index``: positions of the kept tokens in the unreduced sequence).
+    Returns (out [B, M, C], mask bool [B, M] or None when every position is supervised). "merged"/"kept":
+    out[b, i] = aux[b, assignment[b, i] - P], and masked positions still hold a representing token's values.
     """
     if mode not in TOE_DENSE_LOSS_MODES:
         raise ValueError(f"mode must be one of {TOE_DENSE_LOSS_MODES}, got {mode!r}")
+    if mode in ("kept", "zero") and kept_index is None:
+        raise ValueError(f"mode={mode!r} needs kept_index (toe.last_index)")
     p = num_prefix_tokens
+    if mode == "zero":
+        own = kept_index.to(aux.device).long()[:, p:] - p  # [B, n] original positions of the kept tokens
+        b, m, c = aux.shape[0], assignment.shape[1], aux.shape[-1]
+        out = aux.new_zeros(b, m, c).scatter(1, own.unsqueeze(-1).expand(-1, -1, c), aux)
+        return out, None
     slot = assignment.to(aux.device).long() - p  # < 0 where the position was dropped
     valid = slot >= 0
     out = aux.gather(1, slot.clamp(min=0).unsqueeze(-1).expand(-1, -1, aux.shape[-1]))
     if mode == "kept":
-        if kept_index is None:
-            raise ValueError("mode='kept' needs kept_index (toe.last_index)")
         own = kept_index.to(aux.device).long()[:, p:] - p  # [B, n] original positions of the kept tokens
         kept = torch.zeros_like(valid)
         kept.scatter_(1, own, True)
@@ -377,14 +386,16 @@ def _cfg(**kwargs: Any) -> dict:
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.stem.0", "classifier": "head", **kwargs,
+        "first_conv": "patch_embed.stem.0", "classifier": ("head", "aux_head"), **kwargs,
     }
 
 
+# crop_pct: LV-ViT's published evaluation crops (T/S 0.9, M and L 1.0). Both heads are sized to the classes,
+# so both are "classifier" layers (fine-tuning to another class count re-initialises both).
 default_cfgs = generate_default_cfgs({
-    "lvvit_t": _cfg(),
-    "lvvit_s": _cfg(),
-    "lvvit_m": _cfg(),
+    "lvvit_t": _cfg(crop_pct=0.9),
+    "lvvit_s": _cfg(crop_pct=0.9),
+    "lvvit_m": _cfg(crop_pct=1.0),
     "lvvit_l": _cfg(input_size=(3, 288, 288), crop_pct=1.0),
 })
 

@@ -2,8 +2,9 @@
 """Generate token-labeling maps for an ImageFolder with any timm classifier (offline).
 
 For every image ``<data>/<class>/<name>.<ext>`` it writes ``<output>/<class>/<name>.pt``: a float32 tensor
-[2, K, S, S] with the top-K logits (channel 0) and their class indices (channel 1, as float) at every
-location of an S x S grid over the whole image (the published LV-ViT format; K = 5, S = 14 by default).
+[2, K, S, S] with the teacher's raw (unnormalised) top-K logits (channel 0) and their class indices
+(channel 1, as float) at every location of an S x S grid over the whole image: the published LV-ViT format
+(K = 5, S = 14 by default), read by ``token_label`` as zero-filled logits (unlisted classes: logit 0).
 
 How the dense logits are obtained (the classifier is applied per location):
   * CNN (``forward_features`` -> [B, C, h, w]): every location's feature vector goes through the model's own
@@ -25,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import os
 import sys
@@ -37,15 +39,28 @@ import torch.nn.functional as F
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from main import parse_key_values  # noqa: E402  (the key=value parser of main.py's --model-kwargs)
+    sys.path.insert(0, _ROOT)  # for `import models` (this repository's LV-ViT) when run as a script
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line on stderr with exit code 2."""
+
+
+def model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """``["img_size=32", "global_pool=avg"]`` -> {"img_size": 32, "global_pool": "avg"}: each value is read
+    as a Python literal, and kept as text when it is not one. UsageError for an item without '='."""
+    kwargs: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -118,10 +133,7 @@ def build_teacher(args: argparse.Namespace) -> nn.Module:
         raise UsageError("--checkpoint is required (pass --random-init to run with random weights)")
     if not timm.is_model(args.model):
         raise UsageError(f"unknown model: {args.model}")
-    try:
-        kwargs = parse_key_values(args.model_kwargs)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    kwargs = model_kwargs(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     try:

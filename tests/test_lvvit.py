@@ -59,12 +59,24 @@ def test_lvvit_l_and_timm_api():
     assert {"lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l"} <= set(timm.list_models("lvvit_*"))
     t = tiny()
     assert t.no_weight_decay() == {"pos_embed", "cls_token"}
-    assert t.pretrained_cfg["classifier"] == "head" and t.default_cfg is not None
+    assert t.pretrained_cfg["classifier"] == ("head", "aux_head") and t.default_cfg is not None
     t.reset_classifier(3)
     assert t.head.out_features == 3 and t.aux_head.out_features == 3 and t.num_classes == 3
     assert t.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     with pytest.raises(ValueError, match="toe_dense_loss"):
-        tiny(toe_dense_loss="zero")
+        tiny(toe_dense_loss="zeros")
+
+
+@pytest.mark.parametrize("name,crop_pct,size", [("lvvit_t", 0.9, 224), ("lvvit_s", 0.9, 224), ("lvvit_m", 1.0, 224),
+                                                ("lvvit_l", 1.0, 288)])
+def test_pretrained_cfg_eval_crop_and_classifiers(name, crop_pct, size):
+    with torch.device("meta"):
+        m = timm.create_model(name, num_classes=7)
+    cfg = m.pretrained_cfg
+    assert cfg["crop_pct"] == crop_pct and cfg["input_size"] == (3, size, size)
+    # every layer sized to the classes is listed, so fine-tuning re-initialises both heads
+    sized = {n.rsplit(".", 1)[0] for n, p in m.named_parameters() if p.shape[0] == 7}
+    assert set(cfg["classifier"]) == sized == {"head", "aux_head"}
 
 
 def _reference_forward(m, x):
@@ -151,7 +163,7 @@ def test_mixtoken_unmix_restores_positions(monkeypatch):
     torch.testing.assert_close(out.aux, expect.reshape(5, 64, -1))
     torch.testing.assert_close(out.cls, cls)
     # the class target is mixed with lam = 1 - area / M
-    crit = TokenLabelCrossEntropy(cls_weight=1.0, dense_weight=0.0, smoothing=0.0)
+    crit = TokenLabelCrossEntropy(cls_weight=1.0, dense_weight=0.0, smoothing=0.0, target="topk")
     y = torch.tensor([0, 1, 2, 3, 4])
     lam = 1 - 20 / 64
     t_mix = lam * F.one_hot(y, 10).float() + (1 - lam) * F.one_hot(y.flip(0), 10).float()
@@ -203,7 +215,7 @@ def _run_with_capture(m, x, hook_layer=1):
     return out, cap
 
 
-@pytest.mark.parametrize("mode", ["merged", "kept"])
+@pytest.mark.parametrize("mode", ["merged", "kept", "zero"])
 def test_dense_targets_follow_toe_assignment(monkeypatch, mode):
     box = (0, 3, 4, 8)
     _fixed_box(monkeypatch, box)
@@ -229,16 +241,18 @@ def test_dense_targets_follow_toe_assignment(monkeypatch, mode):
                 own_kept[b, i] = True
             else:
                 j = int((raw[b, kept[b]] @ raw[b, i]).argmax())
-            rep_mixed[b, i] = cap["tok"][b, j]
+            rep_mixed[b, i] = cap["tok"][b, j] if mode != "zero" or own_kept[b, i] else 0.0
     # un-mix MixToken: positions inside the box come from the batch-flipped row
     inside = torch.zeros(8, 8, dtype=torch.bool)
     inside[box[0]:box[2], box[1]:box[3]] = True
     inside = inside.flatten()
     expect = torch.where(inside[None, :, None], rep_mixed.flip(0), rep_mixed)
     torch.testing.assert_close(out.aux.detach(), expect)
-    if mode == "merged":
+    if mode in ("merged", "zero"):
         assert out.mask is None
         exp_mask = torch.ones(B, M, dtype=torch.bool)
+        if mode == "zero":  # the removed positions are zeros (after un-mixing too), still supervised
+            assert int((out.aux.abs().sum(-1) == 0).sum()) == B * (M - n)
     else:
         exp_mask = torch.where(inside[None], own_kept.flip(0), own_kept)
         assert torch.equal(out.mask, exp_mask) and int(exp_mask.sum()) == B * n
@@ -265,12 +279,24 @@ def test_dropped_positions_are_masked_not_zero_filled():
     assert (out.aux.abs().sum(-1) > 0).all()  # no zero-filled logits anywhere
 
 
+def test_zero_mode_with_merging_off_supervises_dropped_positions_as_zeros():
+    m = tiny(return_dense=True, toe_dense_loss="zero").train()
+    toe.apply(m, toe.Schedule(r1=0.5, ng=3, k=2, epochs=3), merge=False)
+    toe.set_epoch(m, 0)
+    out = m(torch.randn(2, 3, 32, 32))
+    kept = torch.zeros(2, 64, dtype=torch.bool)
+    kept.scatter_(1, toe.last_index(m)[:, 1:] - 1, True)
+    assert out.mask is None and int(kept.sum()) == 2 * 32
+    assert torch.equal(out.aux.abs().sum(-1) > 0, kept)
+
+
 def test_spread_to_positions_validation():
     aux = torch.randn(1, 2, 3)
     with pytest.raises(ValueError, match="mode"):
-        lv.spread_to_positions(aux, torch.ones(1, 4, dtype=torch.long), 1, "zero")
-    with pytest.raises(ValueError, match="kept_index"):
-        lv.spread_to_positions(aux, torch.ones(1, 4, dtype=torch.long), 1, "kept")
+        lv.spread_to_positions(aux, torch.ones(1, 4, dtype=torch.long), 1, "zeros")
+    for mode in ("kept", "zero"):
+        with pytest.raises(ValueError, match="kept_index"):
+            lv.spread_to_positions(aux, torch.ones(1, 4, dtype=torch.long), 1, mode)
 
 
 def test_grad_checkpointing_keeps_toe():

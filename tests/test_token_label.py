@@ -1,6 +1,7 @@
-"""Token labeling: label-map geometry (crop / flip / spatial RandAugment against the image), the loss
-against a dense manual computation, the dataset round trip, generate_label.py (CNN and ViT teachers,
-resume) and a short LV-ViT + ToE training run on synthetic images and label maps."""
+"""Token labeling: the "reference" targets against a naive full-C implementation (zero-filled logits,
+torchvision roi_align on the crop box, flips, softmax over all C), the closed-form loss, ground-truth mixing,
+label-map geometry under crop / flip / spatial RandAugment, bad data (errors.DataError or counted skips),
+generate_label.py (CNN and ViT teachers, resume) and a short LV-ViT + ToE training run."""
 import importlib.util
 import math
 import os
@@ -13,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.ops import roi_align
 
 import models  # noqa: F401
 import toe
 import token_label as tl
+from datasets import bad_images, skipped_images
+from errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,9 +34,199 @@ def _load_script():
 
 gl = _load_script()
 
-# ---- synthetic "position" map and image: class of cell (a, b) is a * G + b -------------------------
+PLAIN = dict(auto_augment=None, color_jitter=0.0, interpolation="bicubic", re_prob=0.0, re_mode="pixel", re_count=1)
+DATA_AUG = dict(aa=None, color_jitter=0.0, interpolation="bicubic", re_prob=0.0, re_mode="pixel", re_count=1)
+
+
+# ---- naive reference: the zero-filled C-vector, resampled at full C ----------------------------------------
+def random_map(k, h, w, c, g, scale=3.0):
+    """[2, k, h, w] file-format map: distinct random classes per cell, raw logits of either sign."""
+    idx = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(h * w)]).T.reshape(k, h, w)
+    return torch.stack([torch.randn(k, h, w, generator=g) * scale, idx.float()])
+
+
+def naive_reference(raw, box, image_hw, out_size, flip, c):
+    """LV-ViT's recipe written out: scatter the top-K logits into zeros [C, H, W], roi_align the crop box
+    given as normalised (x1, y1, x2, y2) * map size - 0.5 (aligned=False), flip, softmax over all C.
+    Returns (dense targets [S*S, C], class target [C])."""
+    full = torch.zeros(c, *raw.shape[2:]).scatter_(0, raw[1].long(), raw[0])
+    top, left, bh, bw = box
+    img_h, img_w = image_hw
+    mh, mw = raw.shape[2:]
+    coords = torch.tensor([left / img_w * mw, top / img_h * mh, (left + bw) / img_w * mw, (top + bh) / img_h * mh])
+    rois = torch.cat([torch.zeros(1), coords - 0.5])[None]
+    dense = roi_align(full[None], rois, output_size=(out_size, out_size))[0]
+    if flip:
+        dense = dense.flip(-1)
+    cls = roi_align(full[None], rois, output_size=(1, 1))[0].flatten()
+    return dense.flatten(1).T.softmax(-1), cls.softmax(-1)
+
+
+def _fixed_crop(tf, box):
+    tf.crop.get_params = lambda img, scale, ratio: box  # instance attribute shadows the static method
+    return tf
+
+
+@pytest.mark.parametrize("map_side,label_size,img_hw", [(6, 6, (48, 48)), (6, 4, (40, 60)), (5, 7, (35, 35))])
+def test_reference_targets_match_naive_full_c_roi_align(map_side, label_size, img_hw):
+    g = torch.Generator().manual_seed(map_side * 10 + label_size)
+    rng = random.Random(label_size)
+    k, c = 3, 150  # up to k*36 = 108 distinct classes: every bilinear neighbourhood mixes disjoint class sets
+    img = Image.new("RGB", (img_hw[1], img_hw[0]))
+    boxes = [(0, 0, *img_hw), (img_hw[0] // 3, img_hw[1] // 5, img_hw[0] // 2, img_hw[1] // 2),
+             (img_hw[0] - 9, img_hw[1] - 11, 9, 11)]  # whole image, inner box, a corner box of ~1.5 cells
+    torch.manual_seed(label_size)  # torchvision draws crop boxes with torch's generator
+    boxes += [T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(5)]
+    checked_flip = set()
+    for n, box in enumerate(boxes):
+        raw = random_map(k, map_side, map_side, c, g)
+        flip = n % 2 == 1
+        tf = _fixed_crop(tl.TokenLabelTransform(16, label_size, target="reference", hflip=float(flip), **PLAIN), box)
+        x, (dense, cls_map) = tf(img, raw, rng.randrange(c))
+        assert dense.shape == (2, tl.dense_slots(k, map_side, map_side, label_size), label_size, label_size)
+        assert cls_map.shape == (2, k * map_side ** 2, 1, 1)
+        want_dense, want_cls = naive_reference(raw, box, img_hw, label_size, flip, c)
+        torch.testing.assert_close(tl.dense_targets(dense[None], c)[0], want_dense, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tl.class_logits(cls_map[None], c)[0].softmax(-1), want_cls, rtol=1e-5, atol=1e-6)
+        # the loss on these maps equals the soft CE against the naive targets (eps = 0.1 smoothing)
+        aux = torch.randn(1, label_size ** 2, c, generator=g) * 2
+        cls = torch.randn(1, c, generator=g)
+        crit = tl.TokenLabelCrossEntropy(cls_weight=0.6, dense_weight=1.3, smoothing=0.1)
+        t_dense = want_dense * 0.9 + 0.1 / c
+        t_cls = want_cls * 0.9 + 0.1 / c
+        expect = 0.6 * -(t_cls * cls.log_softmax(-1)).sum() + 1.3 * -(t_dense * aux[0].log_softmax(-1)).sum(-1).mean()
+        got = crit((cls, aux, None), (torch.tensor([0]), dense[None], cls_map[None]))
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+        checked_flip.add(flip)
+    assert checked_flip == {False, True}
+
+
+def test_class_target_from_a_whole_map_is_the_full_box_roi_align():
+    """Maps in the file format without a class map (e.g. SyntheticTokenLabels): the class target is the
+    map pooled over the whole image."""
+    g = torch.Generator().manual_seed(5)
+    raws = torch.stack([random_map(4, 5, 5, 30, g) for _ in range(3)])
+    crit = tl.TokenLabelCrossEntropy(dense_weight=0.0, smoothing=0.0)
+    cls = torch.randn(3, 30, generator=g)
+    want = torch.stack([naive_reference(r, (0, 0, 50, 50), (50, 50), 5, False, 30)[1] for r in raws])
+    torch.testing.assert_close(crit.class_target(torch.zeros(3, dtype=torch.long), raws, 30), want)
+    got = crit((cls, torch.zeros(3, 25, 30), None), (torch.zeros(3, dtype=torch.long), raws))
+    torch.testing.assert_close(got, -(want * cls.log_softmax(-1)).sum(-1).mean())
+
+
+def test_ground_truth_mixing_rule():
+    g = torch.Generator().manual_seed(1)
+    c = 6
+    # class map [B, 2, 2, 1, 1]: sample 0's teacher prefers class 2, sample 1's class 4
+    cls_map = torch.tensor([[[[[3.0]], [[1.0]]], [[[2.0]], [[5.0]]]],
+                            [[[[4.0]], [[0.5]]], [[[4.0]], [[1.0]]]]])
+    label = torch.tensor([2, 0])  # agrees with the teacher for sample 0 only
+    teacher = tl.class_logits(cls_map, c).softmax(-1)
+    assert teacher.argmax(-1).tolist() == [2, 4]
+    for eps in (0.0, 0.1):
+        smooth = lambda t: t * (1 - eps) + eps / c  # noqa: E731
+        gt = smooth(F.one_hot(label, c).float())
+        crit = tl.TokenLabelCrossEntropy(smoothing=eps, ground_truth=True)
+        want = torch.stack([0.5 * smooth(teacher[0]) + 0.5 * gt[0], 0.9 * smooth(teacher[1]) + 0.1 * gt[1]])
+        torch.testing.assert_close(crit.class_target(label, cls_map, c), want)
+        off = tl.TokenLabelCrossEntropy(smoothing=eps)
+        torch.testing.assert_close(off.class_target(label, cls_map, c), smooth(teacher))
+    # MixToken mixes after the ground-truth mixing
+    crit = tl.TokenLabelCrossEntropy(dense_weight=0.0, smoothing=0.0, ground_truth=True)
+    t = crit.class_target(label, cls_map, c)
+    cls = torch.randn(2, c, generator=g)
+    lam = 1 - 4 / 9
+    t_mix = lam * t + (1 - lam) * t.flip(0)
+    got = crit((cls, torch.zeros(2, 9, c), (0, 1, 2, 3)), (label, torch.zeros(2, 2, 1, 3, 3), cls_map))
+    torch.testing.assert_close(got, -(t_mix * cls.log_softmax(-1)).sum(-1).mean())
+    with pytest.raises(ValueError, match="ground_truth"):
+        tl.TokenLabelCrossEntropy(target="topk", ground_truth=True)
+
+
+@pytest.mark.parametrize("target", tl.TARGETS)
+def test_closed_form_dense_loss_matches_explicit_targets(target):
+    """Large logits (exp overflows float32), empty slots and a location listing every class."""
+    g = torch.Generator().manual_seed(2)
+    b, s, c, k = 3, 2, 5, 5
+    vals = torch.randn(b, k, s, s, generator=g) * 40
+    idx = torch.stack([torch.randperm(c, generator=g) for _ in range(b * s * s)])
+    idx = idx.reshape(b, s, s, k).permute(0, 3, 1, 2).float()
+    idx[0, 2:, 0, 1] = -1  # two listed classes only
+    idx[1, 1:, 1, 1] = -1
+    lmap = torch.stack([vals, idx], 1)
+    aux = torch.randn(b, s * s, c, generator=g) * 3
+    t = tl.dense_targets(lmap, c, smoothing=0.1, target=target)
+    assert torch.isfinite(t).all()
+    torch.testing.assert_close(t.sum(-1), torch.ones(b, s * s))
+    # explicit targets, written out per location
+    manual = torch.zeros(b, s * s, c)
+    for bi in range(b):
+        for pos in range(s * s):
+            listed = [(float(vals[bi, j].flatten()[pos]), int(idx[bi, j].flatten()[pos])) for j in range(k)]
+            listed = [(v, i) for v, i in listed if i >= 0]
+            full = torch.zeros(c) if target == "reference" else torch.full((c,), float("-inf"))
+            for v, i in listed:
+                full[i] = v
+            manual[bi, pos] = full.double().softmax(0).float() * 0.9 + 0.1 / c
+    torch.testing.assert_close(t, manual)
+    crit = tl.TokenLabelCrossEntropy(smoothing=0.1, target=target)
+    mask = torch.tensor([[True, False, True, True], [True] * 4, [False, False, True, False]])
+    ce = -(manual * aux.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(crit.dense_loss(aux, lmap), ce.mean())
+    torch.testing.assert_close(crit.dense_loss(aux, lmap, mask), ce[mask].mean())
+
+
+def test_topk_target_is_the_earlier_loss():
+    g = torch.Generator().manual_seed(0)
+    b, s, c = 4, 3, 12
+    cls = torch.randn(b, c, generator=g)
+    aux = torch.randn(b, s * s, c, generator=g)
+    idx = torch.stack([torch.randperm(c, generator=g)[:5] for _ in range(b * s * s)])
+    lmap = torch.stack([torch.randn(b, 5, s, s, generator=g),
+                        idx.reshape(b, s, s, 5).permute(0, 3, 1, 2).float()], 1)
+    y = torch.tensor([0, 5, 7, 11])
+    mask = torch.rand(b, s * s, generator=g) > 0.3
+    eps = 0.1
+    crit = tl.TokenLabelCriterion(cls_weight=0.7, dense_weight=0.5, smoothing=eps, target="topk")
+    onehot = F.one_hot(y, c).float() * (1 - eps) + eps / c
+    lam = 1 - 4 / 9
+    t_cls = lam * onehot + (1 - lam) * onehot.flip(0)
+    loss_cls = -(t_cls * cls.log_softmax(-1)).sum(-1).mean()
+    dense = torch.zeros(b, s * s, c)
+    p = lmap[:, 0].softmax(1)
+    for bi in range(b):
+        for pos in range(s * s):
+            for j in range(5):
+                dense[bi, pos, int(lmap[bi, 1, j].flatten()[pos])] += p[bi, j].flatten()[pos]
+    dense = dense * (1 - eps) + eps / c
+    ce = -(dense * aux.log_softmax(-1)).sum(-1)
+    got = crit(torch.zeros(1), (cls, aux, (0, 1, 2, 3), mask), (y, lmap))
+    torch.testing.assert_close(got, 0.7 * loss_cls + 0.5 * ce[mask].mean())
+    # soft class targets are used as given
+    got = crit(None, (cls, aux, None), (t_cls, lmap))
+    torch.testing.assert_close(got, 0.7 * -(t_cls * cls.log_softmax(-1)).sum(-1).mean() + 0.5 * ce.mean())
+
+
+def test_loss_input_errors_and_defaults():
+    crit = tl.TokenLabelCrossEntropy()
+    assert (crit.cls_weight, crit.dense_weight, crit.target, crit.ground_truth) == (1.0, 1.0, "reference", False)
+    assert tl.TokenLabelCriterion().loss.dense_weight == 1.0
+    g = torch.Generator().manual_seed(0)
+    lmap = torch.stack([random_map(5, 3, 3, 12, g) for _ in range(2)])
+    cls, aux, y = torch.randn(2, 12), torch.randn(2, 9, 12), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="token-label-size"):
+        crit((cls, aux[:, :4], None), (y, lmap))
+    with pytest.raises(ValueError, match="out of range"):
+        crit((cls[:, :5], aux[..., :5], None), (y, lmap))
+    with pytest.raises(TypeError, match="return_dense"):
+        crit(cls, (y, lmap))
+    with pytest.raises(ValueError, match="target must be one of"):
+        tl.TokenLabelCrossEntropy(target="soft")
+
+
+# ---- geometry: synthetic "position" map and image, class of cell (a, b) is a * G + b -------------------
 G = 8          # cells per side of the synthetic map
-TARGET = G * G  # image class (used as fill outside the source)
+TARGET = G * G  # image class (the topk fill outside the source)
 NCLS = G * G + 5
 
 
@@ -61,7 +255,9 @@ def decode(x):
 
 
 def top1(label_map):
-    return label_map[1, 0].long()  # dense_to_topk sorts by probability
+    """Slot 0 is the largest value; an all-empty location (reference fill: no evidence) reads as TARGET."""
+    idx = label_map[1, 0].long()
+    return torch.where(idx >= 0, idx, torch.full_like(idx, TARGET))
 
 
 def test_topk_dense_round_trip():
@@ -69,18 +265,30 @@ def test_topk_dense_round_trip():
     classes, probs = tl.topk_to_dense(lm, extra_class=TARGET)
     assert TARGET in classes.tolist() and torch.allclose(probs.sum(0), torch.ones(G, G))
     back = tl.dense_to_topk(classes, probs, 5)
-    torch.testing.assert_close(tl.dense_targets(back[None], NCLS), tl.dense_targets(lm[None], NCLS))
-    # fewer classes than K: padded entries carry zero weight
+    torch.testing.assert_close(tl.dense_targets(back[None], NCLS, target="topk"),
+                               tl.dense_targets(lm[None], NCLS, target="topk"))
+    # fewer classes than K: the other slots are empty
     small = tl.dense_to_topk(torch.tensor([3, 7]), torch.tensor([[[0.25]], [[0.75]]]), 5)
-    d = tl.dense_targets(small[None], 10)[0, 0]
+    assert small[1, :, 0, 0].tolist() == [7, 3, -1, -1, -1]
+    d = tl.dense_targets(small[None], 10, target="topk")[0, 0]
     torch.testing.assert_close(d, torch.tensor([0, 0, 0, .25, 0, 0, 0, .75, 0, 0]))
+
+
+def test_sparse_round_trip_keeps_exactly_the_non_zero_classes():
+    lm = position_map()
+    classes, logits = tl.scatter_logits(lm)
+    assert classes.tolist() == sorted(set(lm[1].long().flatten().tolist()))
+    back = tl.dense_to_sparse(classes, logits, 6)
+    assert back[1, 4:].eq(-1).all() and back[1, :4].ge(0).all()  # 4 non-zero classes (one logit is 0.0)
+    torch.testing.assert_close(tl.dense_targets(back[None], NCLS), tl.dense_targets(lm[None], NCLS))
+    with pytest.raises(RuntimeError, match="slots"):
+        tl.dense_to_sparse(classes, logits, 3)
 
 
 @pytest.mark.parametrize("box", [(0, 0, 128, 128), (16, 40, 50, 70), (3, 77, 101, 45), (60, 9, 33, 33)])
 def test_crop_dense_map_matches_box_geometry(box):
     """Each output cell's top-1 class is the class of the source cell under its bin centre."""
-    _, probs = tl.topk_to_dense(position_map())
-    classes, _ = tl.topk_to_dense(position_map())
+    classes, probs = tl.topk_to_dense(position_map())
     out = tl.crop_dense_map(probs, box, (128, 128), G)
     got = classes[out.argmax(0)]
     flipped = classes[out.flip(-1).argmax(0)]
@@ -104,7 +312,7 @@ def _consistency(tf, seeds, side=128):
     total = ok = 0
     for seed in seeds:
         random.seed(seed)
-        x, lm = tf(img, position_map(), TARGET)
+        x, (lm, *_) = tf(img, position_map(), TARGET)
         cls = decode(x)
         lab = top1(lm)
         step = x.shape[-1] // G
@@ -118,34 +326,70 @@ def _consistency(tf, seeds, side=128):
     return ok / total
 
 
-def test_random_crop_and_flip_consistent_with_image():
-    tf = tl.TokenLabelTransform(input_size=64, label_size=G, auto_augment=None, color_jitter=0.0,
-                                interpolation="nearest", mean=(0, 0, 0), std=(1, 1, 1), re_prob=0.0,
-                                scale=(0.2, 1.0), hflip=0.5)
+@pytest.mark.parametrize("target", tl.TARGETS)
+def test_random_crop_and_flip_consistent_with_image(target):
+    tf = tl.TokenLabelTransform(64, G, auto_augment=None, color_jitter=0.0, interpolation="nearest",
+                                re_prob=0.0, re_mode="pixel", re_count=1, target=target, mean=(0, 0, 0),
+                                std=(1, 1, 1), scale=(0.2, 1.0), hflip=0.5)
     assert _consistency(tf, range(12)) == 1.0
 
 
-def test_spatial_randaugment_consistent_with_image():
+@pytest.mark.parametrize("target", tl.TARGETS)
+def test_spatial_randaugment_consistent_with_image(target):
     # full-image crop so label cells coincide with the source cells; only the spatial ops, always applied
-    tf = tl.TokenLabelTransform(input_size=64, label_size=G, auto_augment="rand-m9-n2-mstd0.5-p1.0",
-                                interpolation="nearest", mean=(0, 0, 0), std=(1, 1, 1), re_prob=0.0,
-                                scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
+    tf = tl.TokenLabelTransform(64, G, auto_augment="rand-m9-n2-mstd0.5-p1.0", color_jitter=0.0,
+                                interpolation="nearest", re_prob=0.0, re_mode="pixel", re_count=1, target=target,
+                                mean=(0, 0, 0), std=(1, 1, 1), scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
                                 ra_transforms=list(tl.SPATIAL_OPS[:3]) + ["TranslateXRel", "TranslateYRel"])
     assert _consistency(tf, range(30)) >= 0.97
-    # and the map really moved: a rotated map differs from the identity map
+    # the map really moved, and (reference) the fill outside the source is "no class": all slots empty
     random.seed(0)
-    lm = tf(position_image(128), position_map(), TARGET)[1]
+    lm = tf(position_image(128), position_map(), TARGET)[1][0]
     assert not torch.equal(top1(lm), top1(position_map()))
+    if target == "reference":
+        assert bool((lm[1] == -1).all(0).any())
 
 
-def test_full_randaugment_survives_max_magnitude():
+def test_randaugment_runs_timms_own_ops():
+    """The image goes through timm's AugmentOp (probability, magnitude draw, op) unchanged: with the same
+    random state our wrapper gives the same image as timm's RandAugment op, and records that op's level."""
+    from timm.data.auto_augment import rand_augment_transform
+    img = position_image(64)
+    hp = {"img_mean": (0, 0, 0)}
+    ours = tl.LabelAwareRandAugment("rand-m9-n1-mstd1.0-p1.0", hp, transforms=["Rotate"])
+    timm_op = rand_augment_transform("rand-m9-n1-mstd1.0-p1.0", dict(hp), transforms=["Rotate"]).ops[0]
+    for seed in range(4):
+        random.seed(seed)
+        got, _ = ours(img, torch.zeros(1, G, G), torch.zeros(1))
+        (matrix,) = ours._applied
+        random.seed(seed)
+        random.random()  # the op choice
+        want = timm_op(img)
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+        angle = math.degrees(math.atan2(matrix[1], matrix[0]))  # the inverse map rotates by -level
+        assert 0 < abs(angle) <= 30.0 + 1e-6
+
+
+@pytest.mark.parametrize("target,slots", [("reference", 20), ("topk", 5)])
+def test_full_randaugment_survives_max_magnitude(target, slots):
     """m10 with mstd noise reaches PosterizeIncreasing's 0 bits, which Pillow >= 13 rejects."""
-    tf = tl.TokenLabelTransform(input_size=32, label_size=G, auto_augment="rand-m10-n4-mstd0.5-inc1-p1.0",
-                                re_prob=0.0, ra_transforms=["PosterizeIncreasing", "SolarizeIncreasing", "Rotate"])
+    tf = tl.TokenLabelTransform(32, G, auto_augment="rand-m10-n4-mstd0.5-inc1-p1.0", color_jitter=0.0,
+                                interpolation="bicubic", re_prob=0.0, re_mode="pixel", re_count=1, target=target,
+                                ra_transforms=["PosterizeIncreasing", "SolarizeIncreasing", "Rotate"])
     for seed in range(8):
         random.seed(seed)
-        x, lm = tf(position_image(64), position_map(), TARGET)
-        assert x.shape == (3, 32, 32) and lm.shape == (2, 5, G, G) and torch.isfinite(x).all()
+        x, (lm, *rest) = tf(position_image(64), position_map(), TARGET)
+        assert x.shape == (3, 32, 32) and lm.shape == (2, slots, G, G) and torch.isfinite(x).all()
+        assert len(rest) == (1 if target == "reference" else 0)
+
+
+def test_transform_argument_errors():
+    with pytest.raises(ValueError, match="aa: token labeling supports RandAugment"):
+        tl.TokenLabelTransform(32, 4, target="reference", **dict(PLAIN, auto_augment="augmix-m5"))
+    with pytest.raises(ValueError, match="target"):
+        tl.TokenLabelTransform(32, 4, target="dense", **PLAIN)
+    with pytest.raises(TypeError):
+        tl.TokenLabelTransform(32, 4, target="reference")  # augmentation values have no defaults
 
 
 def test_spatial_op_matrix_matches_pil():
@@ -163,47 +407,6 @@ def test_spatial_op_matrix_matches_pil():
             xi, yi = math.floor(xin), math.floor(yin)
             expect = int(ref[yi, xi]) if 0 <= xi < 64 and 0 <= yi < 64 else TARGET
             assert int(src[py, px]) == expect, (name, py, px)
-
-
-def test_loss_matches_dense_manual_computation():
-    g = torch.Generator().manual_seed(0)
-    b, s, c = 4, 3, 12
-    cls = torch.randn(b, c, generator=g)
-    aux = torch.randn(b, s * s, c, generator=g)
-    idx = torch.stack([torch.randperm(c, generator=g)[:5] for _ in range(b * s * s)])
-    lmap = torch.stack([torch.randn(b, 5, s, s, generator=g),
-                        idx.reshape(b, s, s, 5).permute(0, 3, 1, 2).float()], 1)
-    y = torch.tensor([0, 5, 7, 11])
-    mask = torch.rand(b, s * s, generator=g) > 0.3
-    box = (0, 1, 2, 3)  # area 4 of 9
-    eps = 0.1
-    crit = tl.TokenLabelCriterion(cls_weight=0.7, dense_weight=0.5, smoothing=eps)
-    # manual: full C-dimensional targets
-    onehot = F.one_hot(y, c).float() * (1 - eps) + eps / c
-    lam = 1 - 4 / 9
-    t_cls = lam * onehot + (1 - lam) * onehot.flip(0)
-    loss_cls = -(t_cls * cls.log_softmax(-1)).sum(-1).mean()
-    dense = torch.zeros(b, s * s, c)
-    p = lmap[:, 0].softmax(1)
-    for bi in range(b):
-        for pos in range(s * s):
-            for k in range(5):
-                dense[bi, pos, int(lmap[bi, 1, k].flatten()[pos])] += p[bi, k].flatten()[pos]
-    dense = dense * (1 - eps) + eps / c
-    ce = -(dense * aux.log_softmax(-1)).sum(-1)
-    loss_dense = ce[mask].mean()
-    got = crit(torch.zeros(1), (cls, aux, box, mask), (y, lmap))
-    torch.testing.assert_close(got, 0.7 * loss_cls + 0.5 * loss_dense)
-    torch.testing.assert_close(tl.dense_targets(lmap, c, eps), dense)
-    # no box / no mask: plain means; soft class targets are used as given
-    got = crit(None, (cls, aux, None), (t_cls, lmap))
-    torch.testing.assert_close(got, 0.7 * -(t_cls * cls.log_softmax(-1)).sum(-1).mean() + 0.5 * ce.mean())
-    with pytest.raises(ValueError, match="token-label-size"):
-        crit(None, (cls, aux[:, :4], None), (y, lmap))
-    with pytest.raises(ValueError, match="out of range"):
-        crit(None, (cls[:, :5], aux[..., :5], None), (y.clamp(max=4), lmap))
-    with pytest.raises(TypeError, match="return_dense"):
-        crit(None, cls, (y, lmap))
 
 
 # ---- files: ImageFolder + generate_label -------------------------------------------------------------
@@ -288,35 +491,38 @@ def test_generate_label_bad_input(tmp_path, capsys):
     assert "Traceback" not in "".join(err)
 
 
-def test_generated_label_set_round_trips_through_dataset(tmp_path):
+@pytest.mark.parametrize("target", tl.TARGETS)
+def test_generated_label_set_round_trips_through_dataset(tmp_path, target):
     data = _image_folder(tmp_path / "data")
     out = tmp_path / "labels"
     assert gl.main(["--data", str(data), "--output", str(out), "--model", "test_resnet", "--random-init",
-                    "--model-kwargs", "num_classes=9", "--img-size", "64", "--label-size", "4", "--workers", "0",
+                    "--model-kwargs", "num_classes=2", "--img-size", "64", "--label-size", "4", "--workers", "0",
                     "--no-progress"]) == 0
-    ds = tl.build_token_label_dataset(str(data), str(out), input_size=32, label_size=4, auto_augment=None,
-                                      color_jitter=0.0, re_prob=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
-                                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ds = tl.build_token_label_dataset(str(data), str(out), 32, 4, target=target, **DATA_AUG, scale=(1.0, 1.0),
+                                      ratio=(1.0, 1.0), hflip=0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert len(ds) == 6 and ds.classes == ["cat", "dog"]
     norm = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    c = 2  # the teacher's top-K: K = min(5, C) = 2
     for i in range(len(ds)):
-        img, (target, lm) = ds[i]
+        img, (label, lm, *cls_map) = ds[i]
         path, cls = ds.samples[i]
-        assert target == cls
+        assert label == cls
         torch.testing.assert_close(img, norm(Image.open(path).convert("RGB")))
         raw = torch.load(tl.label_path_for(path, str(out)), weights_only=True)
-        torch.testing.assert_close(tl.dense_targets(lm[None], 9), tl.dense_targets(raw[None], 9))
-    loader = torch.utils.data.DataLoader(ds, batch_size=4)
-    x, (y, maps) = next(iter(loader))
-    assert x.shape == (4, 3, 32, 32) and y.shape == (4,) and maps.shape == (4, 2, 5, 4, 4)
-    # a missing label file is named in the error
-    os.remove(out / "dog" / "img_2.pt")
-    with pytest.raises(FileNotFoundError, match="img_2.pt"):
-        ds[5]
-    with pytest.raises(FileNotFoundError, match="no folder for class"):
-        tl.TokenLabelImageFolder(str(data), str(tmp_path))
-    with pytest.raises(ValueError, match="RandAugment"):
-        tl.TokenLabelTransform(auto_augment="augmix-m5")
+        # the whole-image crop at the map's own size is the identity on the targets
+        torch.testing.assert_close(tl.dense_targets(lm[None], c, target=target),
+                                   tl.dense_targets(raw[None], c, target=target))
+        if target == "reference":
+            want = naive_reference(raw, (0, 0, 32, 32), (32, 32), 4, False, c)[1]
+            torch.testing.assert_close(tl.class_logits(cls_map[0][None], c)[0].softmax(-1), want)
+    x, targets = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert x.shape == (4, 3, 32, 32) and targets[0].shape == (4,)
+    if target == "reference":
+        assert targets[1].shape == (4, 2, 8, 4, 4) and targets[2].shape == (4, 2, 32, 1, 1)
+    else:
+        assert targets[1].shape == (4, 2, 2, 4, 4) and len(targets) == 2
+    loss = tl.TokenLabelCriterion(target=target)(x, (torch.randn(4, c), torch.randn(4, 16, c), None), targets)
+    assert torch.isfinite(loss)
 
 
 def test_synthetic_token_labels_wrapper():
@@ -331,6 +537,91 @@ def test_synthetic_token_labels_wrapper():
     assert yy.tolist() == [0, 1, 2, 0, 1] and mm.shape == (5, 2, 3, 4, 4)
 
 
+# ---- bad data: one errors.DataError line naming the file, or a counted skip ---------------------------------
+def _labelled_folder(tmp_path, per_class=3):
+    data = _image_folder(tmp_path / "data", per_class=per_class)
+    labels = tmp_path / "labels"
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        os.makedirs(labels / c)
+        for i in range(per_class):
+            torch.save(random_map(2, 4, 4, 2, g), labels / c / f"img_{i}.pt")
+    return data, labels
+
+
+def _dataset(data, labels, skip=False):
+    return tl.build_token_label_dataset(str(data), str(labels), 16, 4, target="reference", **DATA_AUG,
+                                        skip_bad_images=skip)
+
+
+def test_corrupt_image_is_a_data_error_or_a_counted_skip(tmp_path):
+    data, labels = _labelled_folder(tmp_path)
+    bad = data / "cat" / "img_1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ds = _dataset(data, labels)
+    with pytest.raises(DataError, match=f"cannot read image {bad}") as e:
+        ds[1]
+    assert "\n" not in str(e.value)
+    # through a DataLoader worker the message is still one line
+    with pytest.raises(DataError) as e:
+        list(torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [1]), num_workers=1))
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    ds = _dataset(data, labels, skip=True)
+    x, (label, *_) = ds[1]
+    assert label == 0 and skipped_images(ds) == 1 and bad_images(ds) == [str(bad)]
+    assert len([ds[i] for i in range(len(ds))]) == 6 and skipped_images(ds) == 2
+
+
+def test_bad_label_file_is_a_data_error_or_a_counted_skip(tmp_path):
+    data, labels = _labelled_folder(tmp_path)
+    missing = labels / "dog" / "img_2.pt"
+    os.remove(missing)
+    garbled = labels / "cat" / "img_0.pt"
+    garbled.write_bytes(b"not a tensor file")
+    wrong = labels / "dog" / "img_0.pt"
+    torch.save(torch.zeros(2, 3, 4), wrong)
+    ds = _dataset(data, labels)
+    for i, path, why in [(5, missing, "not found"), (0, garbled, "cannot read"), (3, wrong, "expected a tensor")]:
+        with pytest.raises(DataError, match=why) as e:
+            ds[i]
+        assert str(path) in str(e.value) and "image" not in str(e.value).split(str(path))[0]
+    skipping = _dataset(data, labels, skip=True)
+    assert [skipping[i][1][0] for i in range(6)] == [0, 0, 0, 1, 1, 0]  # bad samples replaced by the next good one
+    assert skipped_images(skipping) == 3 + 1  # sample 5 wraps around to 0, which is bad too
+    assert sorted(bad_images(skipping)) == sorted(str(data / c / f"img_{i}.png") for c, i in
+                                                  [("cat", 0), ("dog", 0), ("dog", 2)])
+
+
+def test_bad_label_indices_are_named(tmp_path):
+    data, labels = _labelled_folder(tmp_path)
+    m = torch.load(labels / "cat" / "img_1.pt", weights_only=True)
+    m[1, 0, 0, 0] = 7  # only 2 classes
+    torch.save(m, labels / "cat" / "img_1.pt")
+    m[1, 0, 0, 0] = m[1, 1, 0, 0]  # the same class twice at a location
+    torch.save(m, labels / "cat" / "img_2.pt")
+    ds = _dataset(data, labels)
+    with pytest.raises(DataError, match=r"img_1.pt: class indices must be integers in \[0, 2\)"):
+        ds[1]
+    with pytest.raises(DataError, match="img_2.pt: a location lists the same class twice"):
+        ds[2]
+
+
+def test_missing_label_class_folder_or_roots_are_data_errors(tmp_path):
+    data, labels = _labelled_folder(tmp_path)
+    os.rename(labels / "dog", labels / "dogs")
+    for skip in (False, True):  # a missing class folder means a wrong label set, not a bad file
+        with pytest.raises(DataError, match=f"token label folder missing for class 'dog': {labels / 'dog'}$"):
+            _dataset(data, labels, skip)
+    with pytest.raises(DataError, match="token label folder not found"):
+        _dataset(data, tmp_path / "nope")
+    with pytest.raises(DataError, match="image folder not found"):
+        _dataset(tmp_path / "nope", labels)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError, match="empty image folder"):
+        _dataset(tmp_path / "empty", labels)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------
 def _synthetic_label_set(root, label_root, classes, per_class, side, s, k, seed=0):
     _image_folder(root, classes, per_class, side, seed)
     g = torch.Generator().manual_seed(seed)
@@ -338,7 +629,8 @@ def _synthetic_label_set(root, label_root, classes, per_class, side, s, k, seed=
         os.makedirs(label_root / c, exist_ok=True)
         for i in range(per_class):
             idx = torch.stack([torch.randperm(len(classes), generator=g)[:k] for _ in range(s * s)])
-            idx[:, 0] = ci  # the image class dominates most locations
+            idx[idx == ci] = idx[:, :1].expand_as(idx)[idx == ci]  # swap: the image class goes to slot 0
+            idx[:, 0] = ci
             m = torch.stack([torch.randn(k, s, s, generator=g) + torch.tensor([3.0] + [0.0] * (k - 1))[:, None, None],
                              idx.T.reshape(k, s, s).float()])
             torch.save(m, label_root / c / f"img_{i}.pt")
@@ -347,21 +639,24 @@ def _synthetic_label_set(root, label_root, classes, per_class, side, s, k, seed=
 def test_short_training_with_toe_and_mixtoken(tmp_path):
     classes = ("a", "b", "c", "d")
     _synthetic_label_set(tmp_path / "img", tmp_path / "lab", classes, per_class=4, side=40, s=8, k=3)
-    ds = tl.build_token_label_dataset(str(tmp_path / "img"), str(tmp_path / "lab"), input_size=32, label_size=8)
+    ds = tl.build_token_label_dataset(str(tmp_path / "img"), str(tmp_path / "lab"), 32, 8, aa="rand-m9-mstd0.5-inc1",
+                                      color_jitter=0.4, interpolation="bicubic", re_prob=0.25, re_mode="pixel",
+                                      re_count=1, target="reference")
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     random.seed(0)
     model = timm.create_model("lvvit_t", img_size=32, patch_size=4, num_classes=4, embed_dim=64, depth=3, num_heads=2,
-                              return_dense=True, mix_token=True, drop_path_rate=0.1)
+                              return_dense=True, mix_token=True, drop_path_rate=0.1, toe_dense_loss="zero")
     toe.apply(model, toe.Schedule(r1=0.5, ng=2, k=2, epochs=2))
-    crit = tl.TokenLabelCriterion(cls_weight=1.0, dense_weight=0.5, smoothing=0.1)
+    crit = tl.TokenLabelCriterion(smoothing=0.1, ground_truth=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses, kept = [], []
     for epoch in range(2):
         toe.set_epoch(model, epoch)
         model.train()
         for samples, targets in loader:
+            assert len(targets) == 3
             out = model(samples)
             kept.append(None if toe.last_index(model) is None else toe.last_index(model).shape[1])
             loss = crit(samples, out, targets)
@@ -389,4 +684,4 @@ def test_short_training_with_toe_and_mixtoken(tmp_path):
         opt.step()
         first = loss.item() if first is None else first
         last = loss.item()
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.8 * first, (first, last)
