@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 
 import datasets
 import losses
+from errors import UsageError
 
 
 class ClassificationRecipe:
@@ -57,21 +58,27 @@ class TokenLabelRecipe:
         if not self.label_cfg.label_root:  # FAKE without maps: deterministic synthetic maps
             images, _ = datasets.build_dataset(True, spec, datasets.build_transform(True, aug))
             return token_label.SyntheticTokenLabels(images, num_classes, self.label_cfg.label_size, seed=seed)
-        return token_label.build_token_label_dataset(
-            os.path.join(spec.path, "train"), self.label_cfg.label_root, aug.input_size, self.label_cfg.label_size,
-            **token_label_augment_kwargs(aug), skip_bad_images=spec.skip_bad_images)
+        try:
+            return token_label.build_token_label_dataset(
+                os.path.join(spec.path, "train"), self.label_cfg.label_root, aug.input_size,
+                self.label_cfg.label_size, **token_label_augment_kwargs(aug), target=self.label_cfg.target,
+                skip_bad_images=spec.skip_bad_images)
+        except ValueError as e:  # a bad --aa policy string
+            raise UsageError(f"--{e}") from None
 
     def criterion(self, teacher: Optional[Any], mixup_active: bool):
         import token_label
 
+        # the dataset and the loss must agree on the target kind: both read label_cfg.target
         return token_label.TokenLabelCriterion(self.label_cfg.cls_weight, self.label_cfg.dense_weight,
-                                               self.data_cfg.smoothing)
+                                               self.data_cfg.smoothing, target=self.label_cfg.target,
+                                               ground_truth=self.label_cfg.ground_truth)
 
 
 def token_label_augment_kwargs(aug: Any) -> Dict[str, Any]:
     """The augmentation keyword arguments of token_label.build_token_label_dataset from an AugmentConfig."""
     aa = aug.aa if aug.aa and aug.aa.strip().lower() != "none" else None
-    return {"auto_augment": aa, "color_jitter": aug.color_jitter, "interpolation": aug.train_interpolation,
+    return {"aa": aa, "color_jitter": aug.color_jitter, "interpolation": aug.train_interpolation,
             "re_prob": aug.reprob, "re_mode": aug.remode, "re_count": aug.recount}
 
 
