@@ -2,21 +2,29 @@
 
 The exact-count tests compare against closed-form MAC counts written here (thop's rules: Linear =
 in_features x output elements, Conv = output elements x in_channels/groups x kernel area, affine norm =
-4 x input elements; attention products, GELU and the ToE op are functional and count zero).
+4 x input elements; attention products, GELU and the ToE op are functional and count zero). The curriculum
+tests compare against thop run directly here on the model's parts, at the token counts the schedule keeps.
 """
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+import models  # noqa: F401  (this repository's LV-ViT, registered with timm; toe.flops never imports it)
 import toe
-from toe import flops
+from toe import flops, paper
+from toe.curriculum import Curriculum
 from toe.flops import forward_macs, gflops_per_iteration, macs_to_gflops, main, paper_tables
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tokens(rate: float, num_patches: int) -> int:
@@ -134,7 +142,7 @@ def _two_digits(value: float) -> float:
     return float(f"{value:.1e}")
 
 
-@pytest.mark.parametrize("name", list(TABLE2))
+@pytest.mark.parametrize("name", [n if "base" not in n else pytest.param(n, marks=pytest.mark.slow) for n in TABLE2])
 def test_table2_deit(name):
     baseline, toe_rows = TABLE2[name]
     model = flops.create_model(name)
@@ -200,6 +208,13 @@ def test_cli_json_last_line(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
+    (["--curriculum-table", "0:160:1,60:150:3"], "150 is not a positive multiple of patch_size 16"),
+    (["--curriculum-table", "0:160"], "start:size:magnitude"),
+    (["--curriculum", "efficienttrain", "--curriculum-table", "0:160:1"], "not allowed with"),
+    (["--curriculum", "bogus"], "--curriculum"),
+    (["--curriculum", "efficienttrain", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--model-module", "no_such_module_xyz"], "no_such_module_xyz"),
+    (["--toe-r1", "0.5", "--toe-stage-epochs", "0", "x"], "--toe-stage-epochs"),
     (["--toe-r1", "1.5"], "r1"),
     (["--model", "no_such_model"], "no_such_model"),
     (["--batch-size", "0"], "batch-size"),
@@ -214,3 +229,208 @@ def test_cli_bad_input(argv, needle, capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
+
+
+# ------------------------------------------------------------------------------------------- curriculum
+def _thop_macs(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """Plain thop count of ``module(x)`` (on a copy: thop adds buffers)."""
+    import contextlib
+    import copy
+    import io
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import thop
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        macs, _ = thop.profile(copy.deepcopy(module), inputs=(x,), verbose=False)
+    return float(macs)
+
+
+def _resizable_vit() -> VisionTransformer:
+    # 64 px, patch 8, depth 2, dim 64; plain nn.LayerNorm so that thop's own rule counts the norms
+    return _tiny_vit(img_size=64, patch_size=8, depth=2, dynamic_img_size=True, norm_layer=torch.nn.LayerNorm)
+
+
+def _reference_macs(model: VisionTransformer, size: int, tokens_after: int) -> float:
+    """thop, part by part: patch embedding on the image, block 0 on every token, block 1 (ToE's layer) and the
+    final norm on ``tokens_after`` tokens, the head on the CLS token."""
+    dim = model.embed_dim
+    tokens = 1 + (size // 8) ** 2
+    return (_thop_macs(model.patch_embed, torch.randn(1, 3, size, size))
+            + _thop_macs(model.blocks[0], torch.randn(1, tokens, dim))
+            + _thop_macs(model.blocks[1], torch.randn(1, tokens_after, dim))
+            + _thop_macs(model.norm, torch.randn(1, tokens_after, dim))
+            + _thop_macs(model.head, torch.randn(1, dim)))
+
+
+def test_curriculum_average_equals_per_size_thop_counts():
+    model = _resizable_vit()
+    curriculum = Curriculum.efficienttrain(10, 64, 8)  # phases at 0/2/4/6/8: 48, 48, 48, 56, 64 px
+    schedule = toe.Schedule(r1=0.5, ng=3, k=2, epochs=10)  # stages at 0/4/7: keep 0.5, 0.75, 1.0
+    res = gflops_per_iteration(model, schedule, layer=1, batch_size=8, curriculum=curriculum)
+
+    size_of = {e: 48 if e < 6 else 56 if e < 8 else 64 for e in range(10)}
+    rate_of = {e: 0.5 if e < 4 else 0.75 if e < 7 else 1.0 for e in range(10)}
+    per_epoch = []
+    for e in range(10):
+        patches = (size_of[e] // 8) ** 2
+        per_epoch.append(_reference_macs(model, size_of[e], 1 + _tokens(rate_of[e], patches)) * 3 * 8 / 1e9)
+    assert res["gflops"] == pytest.approx(sum(per_epoch) / 10, rel=1e-12)
+    assert res["baseline"]["macs"] == _reference_macs(model, 64, 65)
+    assert res["speedup"] == pytest.approx(res["baseline"]["gflops"] / res["gflops"])
+    # phases and stages interleave: one segment per run of epochs with one phase and one stage
+    assert [(s["start_epoch"], s["epochs"], s["phase"], s["input_size"], s["magnitude"], s["stage"])
+            for s in res["segments"]] == [(0, 2, 1, 48, 1, 1), (2, 2, 2, 48, 3, 1), (4, 2, 3, 48, 5, 2),
+                                          (6, 1, 4, 56, 7, 2), (7, 1, 4, 56, 7, 3), (8, 2, 5, 64, 9, 3)]
+    assert [s["tokens"] for s in res["segments"]] == [19, 19, 28, 37, 50, 65]
+    assert res["stages"] == [] and res["curriculum"] == {"table": curriculum.to_table(), "epochs": 10}
+
+
+def test_curriculum_without_toe_and_with_longer_training():
+    model = _resizable_vit()
+    curriculum = Curriculum.parse("0:32:2,3:64:9", 8)
+    res = gflops_per_iteration(model, None, batch_size=2, curriculum=curriculum, epochs=5)
+    expected = (3 * _reference_macs(model, 32, 17) + 2 * _reference_macs(model, 64, 65)) * 3 * 2 / 1e9 / 5
+    assert res["gflops"] == pytest.approx(expected, rel=1e-12)
+    assert [(s["input_size"], s["stage"], s["keep_rate"]) for s in res["segments"]] == [(32, None, 1.0),
+                                                                                         (64, None, 1.0)]
+    # training longer than the ToE schedule spans: its last stage runs on
+    schedule = toe.Schedule(r1=0.5, ng=2, epochs=4)
+    res = gflops_per_iteration(model, schedule, batch_size=2, curriculum=curriculum, epochs=6)
+    assert [(s["start_epoch"], s["epochs"], s["stage"]) for s in res["segments"]] == [(0, 2, 1), (2, 1, 2), (3, 3, 2)]
+
+
+def test_curriculum_bad_arguments():
+    curriculum = Curriculum.efficienttrain(10, 64, 8)
+    with pytest.raises(ValueError, match="dynamic_img_size"):  # a ViT fixed to 64 px cannot train at 48
+        gflops_per_iteration(_tiny_vit(img_size=64, patch_size=8, depth=2), None, curriculum=curriculum, epochs=10)
+    with pytest.raises(ValueError, match="epochs is required"):
+        gflops_per_iteration(_resizable_vit(), None, curriculum=curriculum)
+    with pytest.raises(ValueError, match="epochs is only used with a curriculum"):
+        gflops_per_iteration(_resizable_vit(), toe.Schedule(r1=0.5), epochs=300)
+    with pytest.raises(ValueError, match=r"never reached in epochs=7"):
+        gflops_per_iteration(_resizable_vit(), None, curriculum=curriculum, epochs=7)
+    with pytest.raises(ValueError, match="curriculum must be"):
+        gflops_per_iteration(_resizable_vit(), None, curriculum="efficienttrain", epochs=10)
+
+
+def test_model_factory_is_counted_like_a_model():
+    schedule = toe.Schedule(r1=0.5, ng=3, k=2, epochs=30)
+    made = []
+
+    def factory():
+        made.append(_tiny_vit())
+        return made[-1]
+
+    res = gflops_per_iteration(factory, schedule, layer=1, batch_size=8)
+    assert len(made) == 1  # called once; its model is private to toe.flops
+    assert [s["macs"] for s in res["stages"]] == [_vit_macs([65] + [1 + _tokens(r, 64)] * 2) for r in (0.5, 0.75, 1.0)]
+    with pytest.raises(ValueError, match="factory must return an nn.Module"):
+        gflops_per_iteration(lambda: "not a model")
+    with pytest.raises(ValueError, match="model must be"):
+        gflops_per_iteration(3)
+
+
+def test_cli_curriculum_table_matches_fixed_size_counts(capsys):
+    # DeiT-tiny at 64 px (patch 16): each phase's count equals the model created at that size
+    assert main(["--model", "deit_tiny_patch16_224", "--img-size", "64", "--curriculum-table", "0:32:1,2:48:5,4:64:9",
+                 "--epochs", "6", "--batch-size", "8", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    data = json.loads(out[-1])
+    assert "curriculum average" in "\n".join(out) and data["curriculum"]["table"] == "0:32:1,2:48:5,4:64:9"
+    fixed = [gflops_per_iteration("deit_tiny_patch16_224", None, batch_size=8, img_size=s)["gflops"] for s in (32, 48, 64)]
+    assert [s["gflops"] for s in data["segments"]] == pytest.approx(fixed, rel=1e-12)
+    assert data["gflops"] == pytest.approx(sum(fixed) / 3, rel=1e-12)
+    assert data["baseline"]["gflops"] == pytest.approx(fixed[-1], rel=1e-12)
+
+
+def test_cli_efficienttrain_deit_tiny_table4(capsys):
+    for toe_flags, printed, thop_count in (([], 8.8e3, 8.679e3), (["--toe-r1", "0.6", "--toe-r0", "0.3"], 7.6e3, 7.443e3)):
+        assert main(["--model", "deit_tiny_patch16_224", "--batch-size", "4096", "--epochs", "300",
+                     "--curriculum", "efficienttrain", "--json"] + toe_flags) == 0
+        data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert abs(data["gflops"] - printed) <= 0.03 * printed
+        assert data["gflops"] == pytest.approx(thop_count, rel=2e-4)
+        assert [s["input_size"] for s in data["segments"]][:1] == [160] and data["segments"][-1]["input_size"] == 224
+
+
+@pytest.mark.slow
+def test_table4_via_paper_tables():
+    (entry,) = paper_tables(["4"])
+    assert entry["batch_size"] == 4096
+    got = {row["label"].split()[0] + " " + row["label"].split(maxsplit=1)[1]: row for row in entry["rows"]}
+    expected = {"DeiT-tiny baseline": 1.325e4, "DeiT-tiny EfficientTrain": 8.68e3,
+                "DeiT-tiny EfficientTrain+ToE r1=0.6": 7.44e3, "DeiT-small baseline": 5.22e4,
+                "DeiT-small EfficientTrain": 3.42e4, "DeiT-small EfficientTrain+ToE r1=0.6": 2.93e4}
+    assert set(got) == set(expected)
+    for label, value in expected.items():
+        row = got[label]
+        assert row["gflops"] == pytest.approx(value, rel=2e-3), label
+        assert abs(row["gflops"] - row["paper"]) <= 0.03 * row["paper"], label
+        # only DeiT-tiny's two curriculum rows miss the printed rounding (explained in the table's note)
+        assert row["agrees"] == (label not in ("DeiT-tiny EfficientTrain", "DeiT-tiny EfficientTrain+ToE r1=0.6"))
+    assert "8.68e3" in entry["note"] and "7.44e3" in entry["note"]
+
+
+def test_printed_numbers_have_one_source():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import paper_results
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    table4 = [1.3e4, 8.8e3, 7.6e3, 5.2e4, 3.4e4, 2.9e4]  # the paper's Table 4 GFLOPs column
+    assert [r["paper"] for r in flops._PAPER["4"]["rows"]] == table4
+    assert [r["paper"]["gflops"] for r in paper_results.TABLES["4"]["rows"]] == table4
+    assert [paper.value("4", g, r, "gflops") for g in paper.groups("4") for r in paper.rows("4", g)] == table4
+    for table in ("2", "3", "8"):
+        assert sorted(r["paper"] for r in flops._PAPER[table]["rows"]) == \
+            sorted(r["paper"]["gflops"] for r in paper_results.TABLES[table]["rows"])
+
+
+def test_toe_imports_nothing_of_the_repository(tmp_path):
+    for path in (ROOT / "toe").glob("*.py"):
+        text = path.read_text()
+        assert "sys.path" not in text and "import models" not in text, path
+    # toe alone (copied away from the repository): `models` is not found and silently skipped
+    import shutil
+
+    shutil.copytree(ROOT / "toe", tmp_path / "toe")
+    code = "import sys, toe.flops as f; print(f.import_model_modules(), 'models' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.strip() == "[] False", out.stderr
+
+
+def test_cli_model_module_registers_models(tmp_path, monkeypatch, capsys):
+    (tmp_path / "toe_test_registry.py").write_text(
+        "from timm.models import register_model\n"
+        "from timm.models.vision_transformer import VisionTransformer\n\n\n"
+        "@register_model\n"
+        "def toe_test_vit(pretrained=False, img_size=32, dynamic_img_size=False, **timm_options):\n"
+        "    return VisionTransformer(img_size=img_size, patch_size=4, embed_dim=64, depth=3, num_heads=2,\n"
+        "                             num_classes=10, dynamic_img_size=dynamic_img_size)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["--model-module", "toe_test_registry", "--model", "toe_test_vit", "--toe-r1", "0.5",
+                 "--epochs", "30", "--batch-size", "8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [s["macs"] for s in data["stages"]] == [_vit_macs([65] + [1 + _tokens(r, 64)] * 2) for r in (0.5, 0.75, 1.0)]
+
+
+def test_default_model_module_is_the_repositorys_models():
+    # the tests run with the repository root on sys.path, as `python -m toe.flops` from the root has it
+    assert flops.import_model_modules() == ["models"]
+    assert flops.import_model_modules(["models"]) == ["models"]
+    with pytest.raises(ValueError, match="--model-module no_such_module_xyz"):
+        flops.import_model_modules(["no_such_module_xyz"])
+
+
+@pytest.mark.slow
+def test_cli_lvvit_from_the_repository_root():
+    # `python -m toe.flops` run from the repository root finds LV-ViT through the repository's `models`
+    out = subprocess.run([sys.executable, "-m", "toe.flops", "--model", "lvvit_t", "--img-size", "64", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert data["baseline"]["macs"] == _lvvit_macs([17] * 12, dim=240, grid=4)

@@ -1,4 +1,4 @@
-"""FLOPs per training iteration, counted the way the ToE paper counts them (Sec. 4.1, Tables 2, 3, 6, 8).
+"""FLOPs per training iteration, counted the way the ToE paper counts them (Sec. 4.1, Tables 2, 3, 4, 6, 8).
 
 The paper measures the forward pass of one image with ``thop`` and reports
 
@@ -8,6 +8,10 @@ averaged over the epochs of the stage schedule. thop's count is in multiply-accu
 calls that number "FLOPs", and so does this module. Only what thop has a rule for is counted: ``nn.Linear``,
 convolutions and normalisation layers; the attention products (``F.scaled_dot_product_attention`` or
 ``q @ k``), GELU and the ToE selection op itself are functional and count zero, exactly as in the paper.
+
+Table 4 trains with EfficientTrain's curriculum (``toe.curriculum``): the input size changes by phase, and
+phases interleave with ToE's stages. Each epoch then costs the count of its (input size, stage) pair, and
+the column is the mean over the epochs at batch 4096.
 
 Two details make the count reproduce the paper to three digits:
 
@@ -19,12 +23,15 @@ Two details make the count reproduce the paper to three digits:
   plain ``nn.LayerNorm``. Leaf modules whose class derives from a thop-registered class get that class's
   own thop rule, which gives Table 8's 2.51/2.58/2.65/2.71e3 exactly (0.4% low otherwise).
 
-Everything is counted on a deep copy, so the caller's model never carries thop buffers or hooks, and
-thop's console output is suppressed.
+Everything is counted on a deep copy (or on the fresh model a factory returns), so the caller's model never
+carries thop buffers or hooks, and thop's console output is suppressed. The paper's printed values come from
+``toe.paper``.
 
-CLI::
+CLI (``--model-module M`` imports a module that registers more models with timm; by default the current
+directory's ``models`` package, this repository's LV-ViT, is imported when Python can find it)::
 
     python -m toe.flops --model deit_tiny_patch16_224 --toe-r1 0.5 --toe-ng 3 --toe-k 2 [--json]
+    python -m toe.flops --model deit_tiny_patch16_224 --batch-size 4096 --curriculum efficienttrain --toe-r1 0.6
     python -m toe.flops --paper-tables
 """
 from __future__ import annotations
@@ -33,21 +40,25 @@ import argparse
 import contextlib
 import copy
 import importlib
+import importlib.util
 import io
 import json
-import math
 import sys
 import warnings
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import paper
+from .curriculum import Curriculum
 from .patch import unwrap_model
 
-__all__ = ["forward_macs", "gflops_per_iteration", "macs_to_gflops", "create_model", "paper_tables",
-           "format_paper_tables", "main"]
+__all__ = ["forward_macs", "gflops_per_iteration", "macs_to_gflops", "create_model", "import_model_modules",
+           "paper_tables", "format_paper_tables", "main"]
+
+# A model, a timm model name, or a factory: a callable with no arguments returning a fresh model.
+ModelLike = Union[str, nn.Module, Callable[[], nn.Module]]
 
 # Forward + backward: the paper follows Hobbhahn & Sevilla [43], backward = 2 x forward.
 PASSES_PER_ITERATION = 3
@@ -126,20 +137,30 @@ def _probe_input(model: nn.Module, shape: Tuple[int, int, int]) -> torch.Tensor:
     return torch.randn((1,) + tuple(shape), device=device, dtype=dtype)
 
 
-def _profile(model: nn.Module, x: torch.Tensor, token_block: Optional[nn.Module] = None) -> Tuple[float, Optional[int]]:
-    """thop MACs of ``model(x)`` in the model's current mode, plus the token count that ``token_block``
-    processed. ``model`` must be a private copy: thop adds (and removes) buffers and hooks on it."""
+def _profile(model: nn.Module, x: torch.Tensor, token_block: Optional[nn.Module] = None
+             ) -> Tuple[float, Optional[int], Optional[int]]:
+    """thop MACs of ``model(x)`` in the model's current mode, plus the token counts of ``token_block``:
+    what reached it (before any forward pre-hook, such as ToE's) and what it really processed.
+    ``model`` must be a private copy: thop adds (and removes) buffers and hooks on it."""
     thop, register_hooks = _thop()
-    seen: List[int] = []
+    entering: List[int] = []
+    processed: List[int] = []
 
-    def record_tokens(block: nn.Module, args: tuple, output: Any) -> None:
-        # The output of a transformer block has as many tokens as the input the block really ran on
-        # (after any forward pre-hook, such as ToE's, replaced it).
+    def record_input(block: nn.Module, args: tuple) -> None:
+        if args and torch.is_tensor(args[0]) and args[0].dim() == 3:
+            entering.append(int(args[0].shape[1]))
+
+    def record_output(block: nn.Module, args: tuple, output: Any) -> None:
+        # A block's output has as many tokens as the input it really ran on (after ToE's pre-hook).
         out = output[0] if isinstance(output, (tuple, list)) else output
         if torch.is_tensor(out) and out.dim() == 3:
-            seen.append(int(out.shape[1]))
+            processed.append(int(out.shape[1]))
 
-    handle = token_block.register_forward_hook(record_tokens) if token_block is not None else None
+    handles = []
+    if token_block is not None:
+        # prepend: seen before ToE's own pre-hook replaces the tokens
+        handles.append(token_block.register_forward_pre_hook(record_input, prepend=True))
+        handles.append(token_block.register_forward_hook(record_output))
     try:
         sink = io.StringIO()
         with torch.no_grad(), contextlib.redirect_stdout(sink), warnings.catch_warnings():
@@ -147,9 +168,9 @@ def _profile(model: nn.Module, x: torch.Tensor, token_block: Optional[nn.Module]
             macs, _ = thop.profile(_KeepMode(model), inputs=(x,), custom_ops=_subclass_rules(model, register_hooks),
                                    verbose=False)
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
-    return float(macs), (seen[0] if seen else None)
+    return float(macs), (entering[0] if entering else None), (processed[0] if processed else None)
 
 
 @contextlib.contextmanager
@@ -175,81 +196,167 @@ def forward_macs(model: nn.Module, *, img_size: Optional[Union[int, Sequence[int
     with _one_thread():
         work = copy.deepcopy(unwrap_model(model))
         work.train(train)
-        macs, _ = _profile(work, _probe_input(work, _input_shape(work, img_size)))
+        macs, _, _ = _profile(work, _probe_input(work, _input_shape(work, img_size)))
     return macs
 
 
 def create_model(name: str, img_size: Optional[Union[int, Sequence[int]]] = None, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name)`` without pretrained weights; names registered by this repository's
-    ``models`` package (LV-ViT) are found too. Raises ValueError for an unknown name."""
+    """``timm.create_model(name, pretrained=False, **kwargs)`` for a name in timm's registry (models of other
+    packages are there once their module is imported, see :func:`import_model_modules`). Raises ValueError
+    for an unknown name."""
     import timm
 
     if not timm.is_model(name):
-        _register_repo_models()
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r} (not a timm model nor one registered by `models`)")
+        raise ValueError(f"unknown model {name!r} (not registered with timm: import the module that "
+                         f"registers it first, e.g. python -m toe.flops --model-module models)")
     if img_size is not None:
         kwargs["img_size"] = img_size
     with _one_thread():  # weight init is many small ops: threads only contend on a busy machine
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _register_repo_models() -> None:
-    """Import the repository's ``models`` package (it registers LV-ViT with timm), if there is one."""
-    root = str(Path(__file__).resolve().parents[1])
-    added = root not in sys.path and (Path(root) / "models" / "__init__.py").exists()
-    if added:
-        sys.path.insert(0, root)
-    try:
-        importlib.import_module("models")
-    except ImportError:
-        pass
-    finally:
-        if added:
-            sys.path.remove(root)
+def import_model_modules(modules: Optional[Sequence[str]] = None) -> List[str]:
+    """Import the modules that register extra models with timm; returns the names imported.
+
+    ``modules`` None imports ``models`` (a training repository's own model package, e.g. this repository's
+    LV-ViT) only when Python finds it on its normal path (the current directory for ``python -m``, or
+    PYTHONPATH), and silently skips it otherwise. Named modules must import: ValueError otherwise.
+    """
+    if modules is None:
+        try:
+            found = importlib.util.find_spec("models") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return []
+        try:
+            importlib.import_module("models")
+        except ImportError:
+            return []  # some other `models` that cannot import here: not ours to report
+        return ["models"]
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"--model-module {module}: cannot import it ({err})") from None
+    return list(modules)
 
 
-def gflops_per_iteration(model_or_name: Union[str, nn.Module], schedule: Any = None, *, layer: int = 1,
-                         batch_size: int = 1024, img_size: Optional[Union[int, Sequence[int]]] = None
+def gflops_per_iteration(model: ModelLike, schedule: Any = None, *, layer: int = 1, batch_size: int = 1024,
+                         img_size: Optional[Union[int, Sequence[int]]] = None,
+                         curriculum: Optional[Curriculum] = None, epochs: Optional[int] = None
                          ) -> Dict[str, Any]:
-    """The paper's GFLOPs per training iteration, per ToE stage and averaged over the schedule.
+    """The paper's GFLOPs per training iteration, per ToE stage and averaged over the training epochs.
 
     Each stage is counted by really running it: a deep copy of the model (or the model created from the
-    name) gets ``toe.apply(copy, schedule, layer=layer)``, ``train()``, ``toe.set_epoch`` to the stage's
-    first epoch, and one image through thop. The caller's model is never modified.
+    name, or returned by the factory) gets ``toe.apply(copy, schedule, layer=layer)``, ``train()``,
+    ``toe.set_epoch`` to the stage's first epoch, and one image [1, C, H, W] through thop. The caller's
+    model is never modified.
+
+    With a ``curriculum`` (Table 4), epoch e trains at ``curriculum.input_size(e)`` in ToE stage
+    ``schedule.stage(e)``: each distinct (size, stage) pair is profiled once and the average is over the
+    ``epochs`` training epochs. The model must accept every size (timm ViTs: created with
+    ``dynamic_img_size=True``, which a model name gets automatically here).
 
     Args:
-        model_or_name: a model (timm ViT, this repo's LV-ViT, or anything with ``blocks`` and
-            ``num_prefix_tokens``), or a model name for :func:`create_model`.
-        schedule: a ``toe.Schedule``; None counts only the full-token baseline.
+        model: a model (timm ViT, LV-ViT, or anything with ``blocks`` and ``num_prefix_tokens``), a timm
+            model name for :func:`create_model`, or a callable with no arguments returning a fresh model.
+        schedule: a ``toe.Schedule`` (r0, r1, ng, k); None counts the full-token model only.
         layer: index of the block whose input ToE reduces (1 = the paper's default).
-        batch_size: images per iteration (the paper's 1024).
-        img_size: input resolution; default the model's own.
+        batch_size: images per iteration (the paper's 1024; 4096 in Table 4).
+        img_size: input resolution of the baseline (the final / evaluation size); default the model's own.
+        curriculum: a ``toe.curriculum.Curriculum`` of training input sizes; None trains at ``img_size``.
+        epochs: training epochs the curriculum average runs over (default ``schedule.epochs``); only with
+            a curriculum (without one, the schedule's stage lengths weight the stages).
 
     Returns:
         dict with ``model``, ``img_size`` [H, W], ``batch_size``, ``layer``, ``num_prefix_tokens``,
-        ``num_patches`` (M), ``baseline`` {tokens, macs, gflops}, ``stages`` (list of {stage, start_epoch,
-        epochs, keep_rate, tokens (prefix included, as processed by block ``layer``), macs, gflops}),
-        ``gflops`` (stage GFLOPs weighted by ``schedule.stage_lengths()``; the baseline's if no schedule),
-        ``speedup`` (baseline / average, the theoretical acceleration) and ``schedule`` (its fields or None).
+        ``num_patches`` (M at ``img_size``), ``baseline`` {tokens, macs, gflops} (full tokens at
+        ``img_size``), ``stages`` (without a curriculum: list of {stage, start_epoch, epochs, keep_rate,
+        tokens (prefix included, as processed by block ``layer``), macs, gflops}), ``segments`` (with a
+        curriculum: list of {start_epoch, epochs, phase, input_size, magnitude, stage (None without a
+        schedule), keep_rate, num_patches, tokens, macs, gflops} per run of epochs in one phase and stage),
+        ``gflops`` (the average over the epochs; the baseline's without schedule and curriculum),
+        ``speedup`` (baseline / average, the theoretical acceleration), ``schedule`` (its fields or None) and
+        ``curriculum`` ({table, epochs} or None).
     """
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
+    if curriculum is not None and not isinstance(curriculum, Curriculum):
+        raise ValueError(f"curriculum must be a toe.curriculum.Curriculum, got {type(curriculum).__name__}")
+    if curriculum is None and epochs is not None:
+        raise ValueError("epochs is only used with a curriculum (the schedule's own epochs weight its stages)")
+    if curriculum is not None:
+        if epochs is None:
+            if schedule is None:
+                raise ValueError("epochs is required with a curriculum and no schedule")
+            epochs = schedule.epochs
+        if int(epochs) != epochs or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs}")
+        late = [s for s in curriculum.phase_starts() if s >= epochs]
+        if late:
+            raise ValueError(f"curriculum has phases starting at epochs {late}, never reached in epochs={epochs}")
     with _one_thread():
-        return _gflops_per_iteration(model_or_name, schedule, layer, batch_size, img_size)
+        work, name = _private_model(model, img_size, dynamic=curriculum is not None)
+        return _gflops_per_iteration(work, name, schedule, layer, batch_size, img_size, curriculum, epochs)
 
 
-def _gflops_per_iteration(model_or_name: Union[str, nn.Module], schedule: Any, layer: int, batch_size: int,
-                          img_size: Optional[Union[int, Sequence[int]]]) -> Dict[str, Any]:
+def _private_model(model: ModelLike, img_size: Optional[Union[int, Sequence[int]]], dynamic: bool
+                   ) -> Tuple[nn.Module, str]:
+    """A model this module may modify (thop buffers, ToE hook) and its name."""
+    if isinstance(model, str):
+        kwargs = {"dynamic_img_size": True} if dynamic else {}
+        try:
+            return create_model(model, img_size=img_size, **kwargs), model
+        except TypeError as err:  # e.g. a model class without dynamic_img_size
+            raise ValueError(f"cannot create {model} with {kwargs or 'default arguments'} ({err})") from None
+    if isinstance(model, nn.Module):
+        work = copy.deepcopy(unwrap_model(model))  # thop and ToE never touch the caller's model
+    elif callable(model):
+        work = model()
+        if not isinstance(work, nn.Module):
+            raise ValueError(f"the model factory must return an nn.Module, got {type(work).__name__}")
+        work = unwrap_model(work)
+    else:
+        raise ValueError(f"model must be a model name, an nn.Module or a factory returning one, "
+                         f"got {type(model).__name__}")
+    cfg = getattr(work, "pretrained_cfg", None) or {}
+    return work, cfg.get("architecture", type(work).__name__)
+
+
+def _count(work: nn.Module, name: str, x: torch.Tensor, layer: int, schedule: Any, epoch: Optional[int],
+           resized: bool = False) -> Dict[str, Any]:
+    """Profile ``work`` on ``x`` at ``epoch`` (ToE at that epoch's stage; None: full tokens) and check the
+    tokens block ``layer`` processed against the schedule. ``resized``: ``x`` has a curriculum's size, so a
+    failure is reported as a model that cannot change its input size."""
     import toe
 
-    if isinstance(model_or_name, str):
-        name = model_or_name
-        work = create_model(name, img_size=img_size)  # private: counted in place
-    else:
-        work = copy.deepcopy(unwrap_model(model_or_name))  # thop and ToE never touch the caller's model
-        cfg = getattr(work, "pretrained_cfg", None) or {}
-        name = cfg.get("architecture", type(work).__name__)
+    prefix = int(getattr(work, "num_prefix_tokens", 0))
+    if epoch is not None:
+        toe.set_epoch(work, epoch)
+    try:
+        macs, entering, tokens = _profile(work, x, work.blocks[layer])
+    except (RuntimeError, AssertionError) as err:
+        if not resized:
+            raise
+        raise ValueError(f"{name} cannot run at input size {tuple(x.shape[-2:])} ({err}); a curriculum needs "
+                         f"a model that accepts every size (timm ViTs: dynamic_img_size=True)") from None
+    if entering is None or tokens is None:
+        raise RuntimeError(f"could not read the token count of {name}.blocks[{layer}]")
+    num_patches = entering - prefix
+    expected = entering if epoch is None else prefix + schedule.num_tokens(epoch, num_patches)
+    if tokens != expected:
+        # The count must be of what runs in training; a silent mismatch would misreport the paper's column.
+        raise RuntimeError(f"{name} at epoch {epoch}: block {layer} ran on {tokens} tokens, the schedule "
+                           f"keeps {expected}")
+    return {"macs": macs, "num_patches": num_patches, "tokens": tokens}
+
+
+def _gflops_per_iteration(work: nn.Module, name: str, schedule: Any, layer: int, batch_size: int,
+                          img_size: Optional[Union[int, Sequence[int]]], curriculum: Optional[Curriculum],
+                          epochs: Optional[int]) -> Dict[str, Any]:
+    import toe
+
     if toe.is_applied(work):
         toe.remove(work)
     blocks = getattr(work, "blocks", None)
@@ -259,65 +366,101 @@ def _gflops_per_iteration(model_or_name: Union[str, nn.Module], schedule: Any, l
         raise ValueError(f"layer must be in [0, {len(blocks) - 1}] for {name}, got {layer}")
     shape = _input_shape(work, img_size)
     x = _probe_input(work, shape)
-    prefix = int(getattr(work, "num_prefix_tokens", 0))
 
     work.train()
-    base_macs, base_tokens = _profile(work, x, work.blocks[layer])
-    if base_tokens is None:
-        raise RuntimeError(f"could not read the token count of {name}.blocks[{layer}]")
-    num_patches = base_tokens - prefix
+    base = _count(work, name, x, layer, None, None)
     result: Dict[str, Any] = {
         "model": name, "img_size": [shape[1], shape[2]], "batch_size": int(batch_size), "layer": int(layer),
-        "num_prefix_tokens": prefix, "num_patches": num_patches,
-        "baseline": {"tokens": base_tokens, "macs": base_macs, "gflops": macs_to_gflops(base_macs, batch_size)},
-        "stages": [], "schedule": None,
+        "num_prefix_tokens": int(getattr(work, "num_prefix_tokens", 0)), "num_patches": base["num_patches"],
+        "baseline": {"tokens": base["tokens"], "macs": base["macs"],
+                     "gflops": macs_to_gflops(base["macs"], batch_size)},
+        "stages": [], "segments": [], "schedule": None, "curriculum": None,
     }
-    if schedule is None:
+    if schedule is not None:
+        result["schedule"] = {"r0": schedule.r0, "r1": schedule.r1, "ng": schedule.ng, "k": schedule.k,
+                              "epochs": schedule.epochs,
+                              "stage_epochs": list(schedule.stage_epochs) if schedule.stage_epochs else None}
+        toe.apply(work, schedule, layer=layer)
+    if curriculum is not None:
+        result["curriculum"] = {"table": curriculum.to_table(), "epochs": int(epochs)}
+        result["segments"] = _curriculum_segments(work, name, shape[0], layer, schedule, curriculum, epochs,
+                                                  batch_size)
+        weighted = sum(seg["gflops"] * seg["epochs"] for seg in result["segments"])
+        result["gflops"] = weighted / epochs
+    elif schedule is not None:
+        weighted = 0.0
+        for start, length in zip(schedule.stage_starts(), schedule.stage_lengths()):
+            if length <= 0:
+                continue
+            counted = _count(work, name, x, layer, schedule, start)
+            gflops = macs_to_gflops(counted["macs"], batch_size)
+            weighted += gflops * length
+            result["stages"].append({"stage": schedule.stage(start), "start_epoch": start, "epochs": int(length),
+                                     "keep_rate": schedule.keep_rate(start), "tokens": counted["tokens"],
+                                     "macs": counted["macs"], "gflops": gflops})
+        result["gflops"] = weighted / schedule.epochs
+    else:
         result["gflops"] = result["baseline"]["gflops"]
-        result["speedup"] = 1.0
-        return result
-
-    result["schedule"] = {"r0": schedule.r0, "r1": schedule.r1, "ng": schedule.ng, "k": schedule.k,
-                          "epochs": schedule.epochs,
-                          "stage_epochs": list(schedule.stage_epochs) if schedule.stage_epochs else None}
-    toe.apply(work, schedule, layer=layer)
-    weighted = 0.0
-    for start, length in zip(schedule.stage_starts(), schedule.stage_lengths()):
-        if length <= 0:
-            continue
-        stage = schedule.stage(start)
-        toe.set_epoch(work, start)
-        macs, tokens = _profile(work, x, work.blocks[layer])
-        expected = prefix + schedule.num_tokens(start, num_patches)
-        if tokens != expected:
-            # The count must be of what runs in training; a silent mismatch would misreport the paper's column.
-            raise RuntimeError(f"{name} stage {stage}: block {layer} ran on {tokens} tokens, the schedule "
-                               f"keeps {expected}")
-        gflops = macs_to_gflops(macs, batch_size)
-        weighted += gflops * length
-        result["stages"].append({"stage": stage, "start_epoch": start, "epochs": int(length),
-                                 "keep_rate": schedule.keep_rate(start), "tokens": tokens, "macs": macs,
-                                 "gflops": gflops})
-    result["gflops"] = weighted / schedule.epochs
     result["speedup"] = result["baseline"]["gflops"] / result["gflops"]
     return result
 
 
+def _curriculum_segments(work: nn.Module, name: str, in_chans: int, layer: int, schedule: Any,
+                         curriculum: Curriculum, epochs: int, batch_size: int) -> List[Dict[str, Any]]:
+    """One entry per run of epochs in one curriculum phase and one ToE stage; each distinct (input size,
+    stage) pair is profiled once."""
+    runs: List[List[Any]] = []  # [start, length, size, stage]
+    for epoch in range(epochs):
+        key = [curriculum.input_size(epoch), schedule.stage(epoch) if schedule is not None else None]
+        if runs and runs[-1][2:] == key and curriculum.phase(epoch) == curriculum.phase(runs[-1][0]):
+            runs[-1][1] += 1
+        else:
+            runs.append([epoch, 1] + key)
+    counted: Dict[Tuple[int, Optional[int]], Dict[str, Any]] = {}
+    segments = []
+    for start, length, size, stage in runs:
+        if (size, stage) not in counted:
+            x = _probe_input(work, (in_chans, size, size))
+            counted[(size, stage)] = _count(work, name, x, layer, schedule, start if stage is not None else None,
+                                            resized=True)
+        c = counted[(size, stage)]
+        segments.append({"start_epoch": start, "epochs": length, "phase": curriculum.phase(start),
+                         "input_size": size, "magnitude": curriculum.magnitude(start), "stage": stage,
+                         "keep_rate": schedule.keep_rate(start) if stage is not None else 1.0,
+                         "num_patches": c["num_patches"], "tokens": c["tokens"], "macs": c["macs"],
+                         "gflops": macs_to_gflops(c["macs"], batch_size)})
+    return segments
+
+
 # --------------------------------------------------------------------------------------------------------
-# The paper's printed GFLOPs columns (GFLOPs per training iteration, batch 1024, 300 epochs, k=2, ng=3).
-# Each row: (label, model, schedule kwargs or None for the baseline, layer, printed value, printed speedup).
+# The paper's GFLOPs columns (GFLOPs per training iteration, 300 epochs, ng=3, k=2), each row a run to count.
+# The printed values are read from toe.paper.
+
+
+def _spec(label: str, group: str, toe_kw: Optional[Dict[str, float]], printed: Tuple[str, str], *,
+          layer: int = 1, curriculum: Optional[str] = None, speedup: bool = True) -> Dict[str, Any]:
+    """A row: ``group``'s model (toe.paper.MODELS) with ToE ``toe_kw`` (None: full tokens) after block
+    ``layer``, trained with ``curriculum``; compared with toe.paper's (table, row) ``printed`` of ``group``
+    (its printed GFLOPs speedup too unless ``speedup`` is False)."""
+    table, row = printed
+    columns = paper.row(table, group, row)
+    return {"label": label, "model": paper.MODELS[group], "toe": toe_kw, "layer": layer, "curriculum": curriculum,
+            "paper": columns["gflops"], "paper_speedup": columns.get("gflops_speedup") if speedup else None}
+
+
+_TINY, _DEFAULT = "DeiT-tiny", ("2", "ToE r1=0.5")  # Table 6 has no GFLOPs row: compared with the default's
 _PAPER: Dict[str, Dict[str, Any]] = {
     "2": {
         "title": "Table 2: DeiT on ImageNet-1K (ToE after block 1)",
-        "tolerance": "2 significant digits",
+        "tolerance": "2 significant digits", "batch_size": 1024,
         "rows": [
-            ("DeiT-tiny  baseline", "deit_tiny_patch16_224", None, 1, 3.3e3, None),
-            ("DeiT-tiny  ToE r1=0.5", "deit_tiny_patch16_224", {"r1": 0.5}, 1, 2.6e3, 1.27),
-            ("DeiT-small baseline", "deit_small_patch16_224", None, 1, 1.3e4, None),
-            ("DeiT-small ToE r1=0.5", "deit_small_patch16_224", {"r1": 0.5}, 1, 1.0e4, 1.30),
-            ("DeiT-base  baseline", "deit_base_patch16_224", None, 1, 5.2e4, None),
-            ("DeiT-base  ToE r1=0.5", "deit_base_patch16_224", {"r1": 0.5}, 1, 4.0e4, 1.30),
-            ("DeiT-base  ToE r1=0.4", "deit_base_patch16_224", {"r1": 0.4}, 1, 3.8e4, 1.37),
+            _spec("DeiT-tiny  baseline", "DeiT-tiny", None, ("2", "Baseline")),
+            _spec("DeiT-tiny  ToE r1=0.5", "DeiT-tiny", {"r1": 0.5}, ("2", "ToE r1=0.5")),
+            _spec("DeiT-small baseline", "DeiT-small", None, ("2", "Baseline")),
+            _spec("DeiT-small ToE r1=0.5", "DeiT-small", {"r1": 0.5}, ("2", "ToE r1=0.5")),
+            _spec("DeiT-base  baseline", "DeiT-base", None, ("2", "Baseline")),
+            _spec("DeiT-base  ToE r1=0.5", "DeiT-base", {"r1": 0.5}, ("2", "ToE r1=0.5")),
+            _spec("DeiT-base  ToE r1=0.4", "DeiT-base", {"r1": 0.4}, ("2", "ToE r1=0.4")),
         ],
     },
     "3": {
@@ -326,41 +469,47 @@ _PAPER: Dict[str, Dict[str, Any]] = {
                 "default, with which LV-ViT-T and -M agree) counts about 1.46e4 with thop; ToE after the "
                 "embedding would give about 1.44e4 for S but 6.9e3 (not 7.0e3) for T, so no single setting "
                 "reproduces all three rows.",
-        "tolerance": "2 significant digits",
-        "rows": [
-            ("LV-ViT-T baseline", "lvvit_t", None, 1, 8.2e3, None),
-            ("LV-ViT-T ToE r1=0.4", "lvvit_t", {"r1": 0.4}, 1, 7.0e3, 1.17),
-            ("LV-ViT-S baseline", "lvvit_s", None, 1, 1.9e4, None),
-            ("LV-ViT-S ToE r1=0.4", "lvvit_s", {"r1": 0.4}, 1, 1.4e4, 1.36),
-            ("LV-ViT-M baseline", "lvvit_m", None, 1, 3.7e4, None),
-            ("LV-ViT-M ToE r1=0.4", "lvvit_m", {"r1": 0.4}, 1, 2.7e4, 1.37),
-        ],
+        "tolerance": "2 significant digits", "batch_size": 1024,
+        "rows": [_spec(f"{group} {'baseline' if kw is None else 'ToE r1=0.4'}", group, kw,
+                       ("3", "Baseline" if kw is None else "ToE r1=0.4"))
+                 for group in ("LV-ViT-T", "LV-ViT-S", "LV-ViT-M") for kw in (None, {"r1": 0.4})],
+    },
+    "4": {
+        "title": "Table 4: EfficientTrain (+ ToE r1=0.6, r0=0.3, stages at 0/100/200) on ImageNet-1K, batch 4096",
+        "note": "DeiT-tiny: thop counts 8.68e3 for EfficientTrain and 7.44e3 with ToE after block 1 (printed "
+                "8.8e3 and 7.6e3, 1.4% and 2.1% higher), while the same count reproduces both DeiT-small rows "
+                "and both baselines. The EfficientTrain row has no ToE, so the gap is in the curriculum count: "
+                "relative to the baseline the printed values need a mean cost of at least 0.660 for DeiT-tiny "
+                "and below 0.661 for DeiT-small, where five equal phases at 160/160/160/192/224 px give 0.655 "
+                "for both. ToE after block 2 would give 7.56e3 (7.6e3) for tiny but 2.97e4 (3.0e4) for small.",
+        "tolerance": "2 significant digits", "batch_size": 4096,
+        "rows": [_spec(f"{group:<10} {label}", group, kw, ("4", row), curriculum=cur)
+                 for group in ("DeiT-tiny", "DeiT-small")
+                 for label, row, kw, cur in (
+                     ("baseline", "Baseline", None, None),
+                     ("EfficientTrain", "EfficientTrain", None, "efficienttrain"),
+                     ("EfficientTrain+ToE r1=0.6", "EfficientTrain + ToE r1=0.6", {"r1": 0.6, "r0": 0.3},
+                      "efficienttrain"))],
     },
     "6": {
         "title": "Table 6: DeiT-tiny speedup factors (default r0/r1=1/2, ng=3, k=2)",
         "note": "The paper prints no GFLOPs row for Table 6; its caption says every column trains at about the "
                 "default's speed (44h), so each column is compared with the default's printed 2.6e3. r0 and k "
                 "change which tokens are kept, not how many.",
-        "tolerance": "2 significant digits",
-        "rows": [
-            ("r0/r1=1/3", "deit_tiny_patch16_224", {"r1": 0.5, "r0": 0.5 / 3}, 1, 2.6e3, None),
-            ("r0/r1=2/3", "deit_tiny_patch16_224", {"r1": 0.5, "r0": 1.0 / 3}, 1, 2.6e3, None),
-            ("ng=2", "deit_tiny_patch16_224", {"r1": 0.5, "ng": 2}, 1, 2.6e3, None),
-            ("ng=4", "deit_tiny_patch16_224", {"r1": 0.5, "ng": 4}, 1, 2.6e3, None),
-            ("k=1", "deit_tiny_patch16_224", {"r1": 0.5, "k": 1}, 1, 2.6e3, None),
-            ("k=3", "deit_tiny_patch16_224", {"r1": 0.5, "k": 3}, 1, 2.6e3, None),
-            ("default", "deit_tiny_patch16_224", {"r1": 0.5}, 1, 2.6e3, None),
-        ],
+        "tolerance": "2 significant digits", "batch_size": 1024,
+        "rows": [_spec(label, _TINY, kw, _DEFAULT, speedup=False) for label, kw in (
+            ("r0/r1=1/3", {"r1": 0.5, "r0": 0.5 / 3}), ("r0/r1=2/3", {"r1": 0.5, "r0": 1.0 / 3}),
+            ("ng=2", {"r1": 0.5, "ng": 2}), ("ng=4", {"r1": 0.5, "ng": 4}), ("k=1", {"r1": 0.5, "k": 1}),
+            ("k=3", {"r1": 0.5, "k": 3}), ("default", {"r1": 0.5}))],
     },
     "8": {
         "title": "Table 8: DeiT-tiny, ToE r1=0.5 on the output of different early blocks",
-        "tolerance": "1%",
-        "rows": [
-            ("Embedding    (layer 0)", "deit_tiny_patch16_224", {"r1": 0.5}, 0, 2.51e3, None),
-            ("First block  (layer 1)", "deit_tiny_patch16_224", {"r1": 0.5}, 1, 2.58e3, None),
-            ("Second block (layer 2)", "deit_tiny_patch16_224", {"r1": 0.5}, 2, 2.65e3, None),
-            ("Third block  (layer 3)", "deit_tiny_patch16_224", {"r1": 0.5}, 3, 2.71e3, None),
-        ],
+        "tolerance": "1%", "batch_size": 1024,
+        "rows": [_spec(label, _TINY, {"r1": 0.5}, ("8", row), layer=layer) for layer, (label, row) in enumerate((
+            ("Embedding    (layer 0)", "Embedding (layer 0)"),
+            ("First block  (layer 1)", "First block (layer 1)"),
+            ("Second block (layer 2)", "Second block (layer 2)"),
+            ("Third block  (layer 3)", "Third block (layer 3)")))],
     },
 }
 PAPER_TABLE_IDS = tuple(_PAPER)
@@ -373,46 +522,84 @@ def _agrees(value: float, printed: float, tolerance: str) -> bool:
     return float(f"{value:.1e}") == printed
 
 
-def paper_tables(tables: Sequence[str] = PAPER_TABLE_IDS, *, batch_size: int = 1024,
+def paper_tables(tables: Sequence[str] = PAPER_TABLE_IDS, *, batch_size: Optional[int] = None,
                  epochs: int = 300) -> List[Dict[str, Any]]:
-    """Compute the GFLOPs columns of the paper's ``tables`` (ids "2", "3", "6", "8").
+    """Compute the GFLOPs columns of the paper's ``tables`` (ids "2", "3", "4", "6", "8").
 
-    Returns one dict per table: ``table``, ``title``, ``tolerance``, and ``rows`` (label, model, layer,
-    schedule, gflops, speedup, paper, paper_speedup, agrees), or ``error`` when a table's models are not
-    available (e.g. LV-ViT before ``models`` exists).
+    ``batch_size`` None counts each table at the paper's batch (1024; 4096 for Table 4). LV-ViT (Table 3)
+    must be registered with timm first (see :func:`import_model_modules`).
+
+    Returns one dict per table: ``table``, ``title``, ``tolerance``, ``note``, ``batch_size``, and ``rows``
+    (label, model, layer, schedule, curriculum, tokens, gflops, speedup, paper, paper_speedup, agrees), or
+    ``error`` when a table's models are not available (e.g. LV-ViT without ``models``).
     """
-    import toe
-
     out: List[Dict[str, Any]] = []
-    cache: Dict[Tuple[str, Optional[Tuple], int], Dict[str, Any]] = {}
-    model_cache: Dict[str, nn.Module] = {}
+    cache: Dict[Tuple, Dict[str, Any]] = {}
+    models: Dict[Tuple[str, bool], nn.Module] = {}
     for table in tables:
         if table not in _PAPER:
             raise ValueError(f"tables must be among {PAPER_TABLE_IDS}, got {table!r}")
         spec = _PAPER[table]
+        batch = spec["batch_size"] if batch_size is None else batch_size
         entry: Dict[str, Any] = {"table": table, "title": spec["title"], "tolerance": spec["tolerance"],
-                                 "note": spec.get("note"), "rows": []}
+                                 "note": spec.get("note"), "batch_size": batch, "rows": []}
         try:
-            for label, name, kw, layer, printed, printed_speedup in spec["rows"]:
-                key = (name, tuple(sorted(kw.items())) if kw else None, layer)
+            for row in spec["rows"]:
+                kw = row["toe"]
+                key = (row["model"], tuple(sorted(kw.items())) if kw else None, row["layer"], row["curriculum"],
+                       batch)
                 if key not in cache:
-                    if name not in model_cache:
-                        model_cache = {name: create_model(name)}  # keep one model alive at a time
-                    schedule = toe.Schedule(**{"ng": 3, "k": 2, "epochs": epochs, **kw}) if kw else None
-                    cache[key] = gflops_per_iteration(model_cache[name], schedule, layer=layer,
-                                                      batch_size=batch_size)
+                    cache[key] = _paper_row(row, models, batch, epochs)
                 res = cache[key]
                 entry["rows"].append({
-                    "label": label, "model": name, "layer": layer, "schedule": res["schedule"],
-                    "tokens": [s["tokens"] for s in res["stages"]] or [res["baseline"]["tokens"]],
-                    "gflops": res["gflops"], "speedup": res["speedup"], "paper": printed,
-                    "paper_speedup": printed_speedup, "agrees": _agrees(res["gflops"], printed, spec["tolerance"]),
+                    "label": row["label"], "model": row["model"], "layer": row["layer"], "schedule": res["schedule"],
+                    "curriculum": res["curriculum"], "tokens": _token_steps(res), "gflops": res["gflops"],
+                    "speedup": res["speedup"], "paper": row["paper"], "paper_speedup": row["paper_speedup"],
+                    "agrees": _agrees(res["gflops"], row["paper"], spec["tolerance"]),
                 })
         except ValueError as err:
             entry["rows"] = []
             entry["error"] = str(err)
         out.append(entry)
     return out
+
+
+def _paper_row(row: Dict[str, Any], models: Dict[Tuple[str, bool], nn.Module], batch_size: int,
+               epochs: int) -> Dict[str, Any]:
+    """gflops_per_iteration for one paper row; ``models`` keeps the last model created (one alive at a time)."""
+    import toe
+
+    name, dynamic = row["model"], row["curriculum"] is not None
+    if (name, dynamic) not in models:
+        models.clear()
+        models[(name, dynamic)] = create_model(name, **({"dynamic_img_size": True} if dynamic else {}))
+    model = models[(name, dynamic)]
+    kw = row["toe"]
+    schedule = toe.Schedule(**{"ng": 3, "k": 2, "epochs": epochs, **kw}) if kw else None
+    curriculum = None
+    if row["curriculum"] == "efficienttrain":
+        _, height, _ = _input_shape(model, None)
+        curriculum = Curriculum.efficienttrain(epochs, height, _patch_size(model))
+    return gflops_per_iteration(model, schedule, layer=row["layer"], batch_size=batch_size, curriculum=curriculum,
+                                epochs=epochs if curriculum is not None else None)
+
+
+def _token_steps(res: Dict[str, Any]) -> List[int]:
+    """Tokens processed by block ``layer`` over training, consecutive repeats dropped."""
+    counts = [s["tokens"] for s in res["segments"] or res["stages"]] or [res["baseline"]["tokens"]]
+    return [t for i, t in enumerate(counts) if i == 0 or t != counts[i - 1]]
+
+
+def _patch_size(model: nn.Module) -> int:
+    """The side of a (square) patch of ``model``'s patch embedding; ValueError when it has none."""
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise ValueError(f"the curriculum needs square patches, the model has {tuple(size)}")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise ValueError("cannot read the model's patch size (patch_embed.patch_size): give --curriculum-table")
+    return size
 
 
 def format_paper_tables(results: List[Dict[str, Any]]) -> str:
@@ -425,14 +612,17 @@ def format_paper_tables(results: List[Dict[str, Any]]) -> str:
             lines.append("")
             continue
         fmt = "{:.2e}" if entry["tolerance"] == "1%" else "{:.3g}"
-        lines.append(f"  {'row':<24} {'tokens/stage':<16} {'GFLOPs here':>12} {'paper':>9}    "
+        width = max([24] + [len(row["label"]) for row in entry["rows"]])
+        twidth = max([16] + [len("/".join(map(str, row["tokens"]))) for row in entry["rows"]])
+        lines.append(f"  {'row':<{width}} {'tokens/stage':<{twidth}} {'GFLOPs here':>12} {'paper':>9}    "
                      f"{'speedup here':>12} {'paper':>6}")
         for row in entry["rows"]:
             mark = "✓" if row["agrees"] else "✗"
-            paper = f"{row['paper']:.2e}" if entry["tolerance"] == "1%" else f"{row['paper']:.1e}"
+            paper_value = f"{row['paper']:.2e}" if entry["tolerance"] == "1%" else f"{row['paper']:.1e}"
             ps = f"{row['paper_speedup']:.2f}x" if row["paper_speedup"] else ""
             tokens = "/".join(str(t) for t in row["tokens"])
-            lines.append(f"  {row['label']:<24} {tokens:<16} {fmt.format(row['gflops']):>12} {paper:>9} {mark}  "
+            gflops = fmt.format(row["gflops"])
+            lines.append(f"  {row['label']:<{width}} {tokens:<{twidth}} {gflops:>12} {paper_value:>9} {mark}  "
                          f"{row['speedup']:>11.3f}x {ps:>6}")
         if entry.get("note"):
             lines.append(f"  note: {entry['note']}")
@@ -452,16 +642,30 @@ def _format_result(res: Dict[str, Any]) -> str:
     if sched is not None:
         lines.append(f"ToE r1={sched['r1']:g} r0={sched['r0']:g} ng={sched['ng']} k={sched['k']} "
                      f"layer={res['layer']} epochs={sched['epochs']}")
-    lines.append(f"{'':<10} {'epochs':>9} {'keep':>6} {'tokens':>7} {'GMACs/img':>10} {'GFLOPs/iter':>12}")
-    for st in res["stages"]:
-        span = f"{st['start_epoch']}-{st['start_epoch'] + st['epochs'] - 1}"
-        lines.append(f"stage {st['stage']:<4} {span:>9} {st['keep_rate']:>6.3f} {st['tokens']:>7} "
-                     f"{st['macs'] / 1e9:>10.4f} {st['gflops']:>12.4g}")
+    if res["curriculum"] is not None:
+        lines.append(f"curriculum {res['curriculum']['table']} (start:size:magnitude) over "
+                     f"{res['curriculum']['epochs']} epochs")
+        lines.append(f"{'':<10} {'epochs':>9} {'size':>5} {'m':>3} {'stage':>5} {'keep':>6} {'tokens':>7} "
+                     f"{'GMACs/img':>10} {'GFLOPs/iter':>12}")
+        for seg in res["segments"]:
+            span = f"{seg['start_epoch']}-{seg['start_epoch'] + seg['epochs'] - 1}"
+            stage = "-" if seg["stage"] is None else str(seg["stage"])
+            lines.append(f"phase {seg['phase']:<4} {span:>9} {seg['input_size']:>5} {seg['magnitude']:>3} "
+                         f"{stage:>5} {seg['keep_rate']:>6.3f} {seg['tokens']:>7} {seg['macs'] / 1e9:>10.4f} "
+                         f"{seg['gflops']:>12.4g}")
+        average = "curriculum average"
+    else:
+        lines.append(f"{'':<10} {'epochs':>9} {'keep':>6} {'tokens':>7} {'GMACs/img':>10} {'GFLOPs/iter':>12}")
+        for st in res["stages"]:
+            span = f"{st['start_epoch']}-{st['start_epoch'] + st['epochs'] - 1}"
+            lines.append(f"stage {st['stage']:<4} {span:>9} {st['keep_rate']:>6.3f} {st['tokens']:>7} "
+                         f"{st['macs'] / 1e9:>10.4f} {st['gflops']:>12.4g}")
+        average = "schedule average"
     b = res["baseline"]
     lines.append(f"{'baseline':<10} {'all':>9} {1.0:>6.3f} {b['tokens']:>7} {b['macs'] / 1e9:>10.4f} "
-                 f"{b['gflops']:>12.4g}")
-    lines.append(f"schedule average: {res['gflops']:.4g} GFLOPs per training iteration "
-                 f"(baseline {b['gflops']:.4g})")
+                 f"{b['gflops']:>12.4g}" + ("  (full tokens at the final size, no curriculum)"
+                                            if res["curriculum"] is not None else ""))
+    lines.append(f"{average}: {res['gflops']:.4g} GFLOPs per training iteration (baseline {b['gflops']:.4g})")
     lines.append(f"theoretical speedup: {res['speedup']:.3f}x")
     return "\n".join(lines)
 
@@ -473,32 +677,87 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(prog="python -m toe.flops",
-                        description="GFLOPs per training iteration (thop forward x 3 x batch), per ToE stage.")
-    p.add_argument("--model", default="deit_tiny_patch16_224", help="timm (or repo LV-ViT) model name")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+                        description="GFLOPs per training iteration (thop forward x 3 x batch), per ToE stage "
+                                    "and curriculum phase.")
+    p.add_argument("--model", default="deit_tiny_patch16_224", help="timm model name (LV-ViT: see --model-module)")
+    p.add_argument("--model-module", action="append", default=None, metavar="MODULE",
+                   help="import MODULE first, to register its models with timm (repeatable); default: "
+                        "`models` when Python finds it (this repository's LV-ViT, from the repository root)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution, the final one with a "
+                                                              "curriculum (default: the model's)")
     p.add_argument("--toe-r1", type=float, default=None, help="keep rate of stage 1; omit for the baseline only")
     p.add_argument("--toe-r0", type=float, default=None, help="seed keep rate (default r1/2)")
     p.add_argument("--toe-ng", type=int, default=3, help="number of stages")
     p.add_argument("--toe-k", type=int, default=2, help="parallel expansion steps")
     p.add_argument("--toe-layer", type=int, default=1, help="block whose input ToE reduces")
-    p.add_argument("--toe-stage-epochs", type=str, default=None, help="comma-separated stage start epochs")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--toe-stage-epochs", type=str, nargs="+", default=None, metavar="E",
+                   help="stage start epochs (space- or comma-separated, e.g. 0 100 200)")
+    cur = p.add_mutually_exclusive_group()
+    cur.add_argument("--curriculum", choices=["efficienttrain"], default=None,
+                     help="EfficientTrain's input-size curriculum (5 equal phases at 5/7, 5/7, 5/7, 6/7, 1 of the "
+                          "final size), averaged with the ToE stages")
+    cur.add_argument("--curriculum-table", type=str, default=None, metavar="TABLE",
+                     help="own curriculum 'start:size:magnitude,...', e.g. 0:160:1,60:160:3,120:160:5,180:192:7,"
+                          "240:224:9")
+    p.add_argument("--batch-size", type=int, default=None, help="images per iteration (default 1024; with "
+                                                                "--paper-tables each table's own)")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p.add_argument("--paper-tables", action="store_true", help="compare with Tables 2, 3, 6 and 8 of the paper")
+    p.add_argument("--paper-tables", action="store_true", help="compare with Tables 2, 3, 4, 6 and 8 of the paper")
     p.add_argument("--tables", type=str, default=",".join(PAPER_TABLE_IDS),
                    help="with --paper-tables: which tables (comma-separated)")
     return p
 
 
+def _schedule_from_args(args: argparse.Namespace) -> Any:
+    """The toe.Schedule of the --toe-* flags, or None without --toe-r1."""
+    import toe
+
+    if args.toe_r1 is None:
+        return None
+    stage_epochs = None
+    if args.toe_stage_epochs:
+        text = ",".join(args.toe_stage_epochs)
+        try:
+            stage_epochs = tuple(int(e) for e in text.split(",") if e.strip())
+        except ValueError:
+            raise ValueError(f"--toe-stage-epochs must be integers, got {' '.join(args.toe_stage_epochs)!r}") from None
+    return toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0, epochs=args.epochs,
+                        stage_epochs=stage_epochs)
+
+
+def _count_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    schedule = _schedule_from_args(args)
+    batch_size = 1024 if args.batch_size is None else args.batch_size
+    if args.curriculum is None and args.curriculum_table is None:
+        return gflops_per_iteration(args.model, schedule, layer=args.toe_layer, batch_size=batch_size,
+                                    img_size=args.img_size)
+    with _one_thread():
+        model = create_model(args.model, img_size=args.img_size, dynamic_img_size=True)
+    try:
+        patch = _patch_size(model)
+    except ValueError:
+        if args.curriculum is not None:
+            raise
+        patch = 1  # a user table: sizes are taken as written
+    if args.curriculum is not None:
+        curriculum = Curriculum.efficienttrain(args.epochs, _input_shape(model, args.img_size)[1], patch)
+    else:
+        curriculum = Curriculum.parse(args.curriculum_table, patch)
+    # the factory hands over the model just created: counted in place, no copy
+    return gflops_per_iteration(lambda: model, schedule, layer=args.toe_layer, batch_size=batch_size,
+                                img_size=args.img_size, curriculum=curriculum, epochs=args.epochs)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry; returns the exit code (2 with one stderr line on bad input)."""
     args = _parser().parse_args(argv)
-    import toe
-
     try:
-        if args.batch_size < 1:
+        if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+        import_model_modules(args.model_module)
         if args.paper_tables:
             tables = [t.strip() for t in args.tables.split(",") if t.strip()]
             results = paper_tables(tables, batch_size=args.batch_size, epochs=args.epochs)
@@ -506,19 +765,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.json:
                 print(json.dumps(results))
             return 0
-        schedule = None
-        if args.toe_r1 is not None:
-            stage_epochs = None
-            if args.toe_stage_epochs:
-                try:
-                    stage_epochs = tuple(int(e) for e in args.toe_stage_epochs.split(","))
-                except ValueError:
-                    raise ValueError(f"--toe-stage-epochs must be comma-separated integers, "
-                                     f"got {args.toe_stage_epochs!r}") from None
-            schedule = toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0,
-                                    epochs=args.epochs, stage_epochs=stage_epochs)
-        res = gflops_per_iteration(args.model, schedule, layer=args.toe_layer, batch_size=args.batch_size,
-                                   img_size=args.img_size)
+        res = _count_from_args(args)
     except ValueError as err:
         print(f"python -m toe.flops: error: {err}", file=sys.stderr)
         return 2

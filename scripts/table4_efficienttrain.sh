@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Table 4 of the ToE paper: EfficientTrain (Wang et al., ICCV 2023) and EfficientTrain + ToE on ImageNet-1K,
+# DeiT-tiny and DeiT-small, each three ways:
+#   deit_{tiny,small}_baseline                    EfficientTrain's recipe without its curriculum
+#   deit_{tiny,small}_efficienttrain              + --curriculum efficienttrain
+#   deit_{tiny,small}_efficienttrain_toe_r1_0.6   + ToE r1 = 0.6, r0 = 0.3, Ng = 3, k = 2, after block 1,
+#                                                   stages starting at epochs 0/100/200
+#   recipe: DeiT's (deit_imagenet_args in common.sh) at global batch 4096 (kept through --grad-accum-steps on
+#           any GPU count), lr 5e-4 x 4096/512 = 4e-3 (main.py scales --lr by global_batch/512), 20 warm-up
+#           epochs, AdamW wd 0.05, clip-grad 5.0, drop path 0.1, AMP, 300 epochs.
+#   curriculum: five equal phases of the epochs (60 each), training at 160, 160, 160, 192, 224 px with
+#           RandAugment rand-m{1,3,5,7,9}-mstd0.5-inc1; evaluation always at 224. ToE's stages run on top, so
+#           phases and stages interleave (python -m toe.flops --curriculum efficienttrain counts the GFLOPs).
+#   Paper: 407.2 GPU hours in total on 8 RTX A6000 (52.5/36.5/32.3 tiny, 121.3/85.2/79.4 small).
+# Usage: DATA=/imagenet OUT=runs NGPUS=8 bash scripts/table4_efficienttrain.sh   (DRY_RUN=1 prints, SMOKE=1 tests)
+# Then:  python scripts/summarize.py "$OUT" --tables 4
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_data /path/to/imagenet "the ImageNet root (train/ and val/ class folders)"
+
+# SMOKE's ToE schedule spans 4 epochs (common.sh), so its stages start at 0/2/3, the same equal split.
+if [[ "$SMOKE" == 1 ]]; then stage_epochs=(0 2 3); else stage_epochs=(0 100 200); fi
+
+# efficienttrain_run NAME MODEL [extra flags...]: one run of EfficientTrain's DeiT recipe into OUT/table4/NAME
+efficienttrain_run() {
+    local name="$1" model="$2"; shift 2
+    deit_imagenet_args
+    launch table4 "$name" 4096 --model "$model" "${DEIT_ARGS[@]}" --warmup-epochs 20 --clip-grad 5.0 "$@"
+}
+
+for size in tiny small; do
+    model="deit_${size}_patch16_224"
+    efficienttrain_run "deit_${size}_baseline" "$model"
+    efficienttrain_run "deit_${size}_efficienttrain" "$model" --curriculum efficienttrain
+    toe_args 0.6 --toe-r0 0.3 --toe-stage-epochs "${stage_epochs[@]}"
+    efficienttrain_run "deit_${size}_efficienttrain_toe_r1_0.6" "$model" --curriculum efficienttrain "${TOE_ARGS[@]}"
+done
+
+smoke_flush
