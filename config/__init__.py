@@ -1,4 +1,5 @@
-"""Parsed flags -> one immutable :class:`Config`. The only module besides main.py that reads ``args``.
+"""Parsed flags -> one immutable :class:`Config`. This package (with its flag checks in checks.py) is the
+only place besides main.py that reads ``args``.
 
 :func:`from_args` runs in two steps. The flag checks come first and need no torch, so a bad flag fails in
 well under a second. Then the values that depend on the machine or the model are resolved once: device,
@@ -162,9 +163,9 @@ class Config:
 
 def from_args(args: argparse.Namespace) -> Config:
     """Check every flag, resolve the machine- and model-dependent values, and freeze the result."""
-    import config_checks
+    from config import checks
 
-    config_checks.check_flags(args)  # no torch import before this returns
+    checks.check_flags(args)  # no torch import before this returns
     return _resolve(args)
 
 
@@ -292,9 +293,9 @@ def _curriculum(args: argparse.Namespace, patch_size: int):
 
 def _resolve(args: argparse.Namespace) -> Config:
     import builders
-    import config_checks
     import distributed
     import utils
+    from config import checks
 
     distributed.check_world_size(args.world_size, args.local_rank)
     _, world, _ = distributed.launcher_placement(args.local_rank)
@@ -315,7 +316,7 @@ def _resolve(args: argparse.Namespace) -> Config:
     distill = DistillConfig(args.distillation_type, args.teacher_model, args.teacher_path,
                             dict(args.teacher_model_kwargs), args.distillation_alpha, args.distillation_tau)
     toe_cfg = _toe(args)
-    patch = config_checks.check_against_model(model, toe_cfg, token_label, args.nb_classes)
+    patch = checks.check_against_model(model, toe_cfg, token_label, args.nb_classes)
     data = _data(args)
     flags = utils.plain_dict(vars(args))
     flags.update(amp=amp, device=device, lr_scaled=_optim(args, global_batch).lr, global_batch=global_batch,
