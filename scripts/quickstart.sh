@@ -6,6 +6,8 @@
 # Data: the synthetic FAKE set by default; CIFAR-10 when ${DATA:-data}/cifar-10-batches-py exists and a
 # GPU is present (a CIFAR-10 epoch takes too long on a CPU). Force it with QS_DATA=cifar10 or QS_DATA=fake.
 # Knobs (environment): EPOCHS (3), FAKE_SIZE (384), BATCH (64), DEVICE (auto), OUT (output/quickstart).
+# ToE's 3 stages span max(EPOCHS, 3) epochs, so EPOCHS=1 or 2 stops early in the schedule (stage 1 keeps
+# half of the tokens) instead of failing.
 # A short schedule uses light augmentation (no mixup/cutmix/RandAugment/erasing) so 3 epochs learn
 # something; the full DeiT recipe is main.py's default.
 set -euo pipefail
@@ -17,12 +19,19 @@ FAKE_SIZE=${FAKE_SIZE:-384}
 BATCH=${BATCH:-64}
 OUT=${OUT:-output/quickstart}
 PY=${PYTHON:-python}
+for _v in EPOCHS FAKE_SIZE BATCH; do
+    if ! [[ "${!_v}" =~ ^[0-9]+$ && "${!_v}" -ge 1 ]]; then
+        echo "error: $_v must be a positive integer, got '${!_v}'" >&2; exit 2
+    fi
+done
+TOE_EPOCHS=$(( EPOCHS < 3 ? 3 : EPOCHS ))  # the schedule needs at least one epoch per stage (ng = 3)
 
 HAS_GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 DEVICE=${DEVICE:-$([ "$HAS_GPU" = 1 ] && echo cuda || echo cpu)}
 # on a CPU, loader worker processes only compete with the model for the cores
 WORKERS=${WORKERS:-$([ "$DEVICE" = cuda ] && echo 4 || echo 0)}
 QS_DATA=${QS_DATA:-auto}
+case "$QS_DATA" in auto|fake|cifar10) ;; *) echo "error: QS_DATA must be auto, fake or cifar10, got '$QS_DATA'" >&2; exit 2 ;; esac
 if [ "$QS_DATA" = auto ]; then
     if [ -d "$DATA/cifar-10-batches-py" ] && [ "$DEVICE" = cuda ]; then QS_DATA=cifar10; else QS_DATA=fake; fi
 fi
@@ -41,20 +50,23 @@ echo "== quickstart: DeiT-tiny 32px/patch 4, $EPOCHS epochs on ${DATASET[1]}, de
 echo "== [1/2] baseline (all tokens) -> $OUT/baseline"
 $PY main.py "${COMMON[@]}" "${DATASET[@]}" --output_dir "$OUT/baseline"
 echo "== [2/2] ToE r1=0.5 ng=3 k=2 -> $OUT/toe"
-$PY main.py "${COMMON[@]}" "${DATASET[@]}" --toe-r1 0.5 --toe-ng 3 --toe-k 2 --output_dir "$OUT/toe"
+$PY main.py "${COMMON[@]}" "${DATASET[@]}" --toe-r1 0.5 --toe-ng 3 --toe-k 2 \
+    --toe-epochs "$TOE_EPOCHS" --output_dir "$OUT/toe"
 
 $PY - "$OUT" <<'EOF'
-import json, sys
+import sys
 from pathlib import Path
+
+import runlog
 
 out = Path(sys.argv[1])
 
 def summary(name):
-    rows = [json.loads(l) for l in (out / name / "log.txt").read_text().splitlines() if l.strip()]
+    rows = runlog.epoch_rows(str(out / name / "log.txt"))
     last = rows[-1]
     imgs = sum(r["train_img_per_s"] * r["epoch_time"] for r in rows)
     secs = sum(r["epoch_time"] for r in rows)
-    gf = [r["gflops_per_iter"] for r in rows if r["gflops_per_iter"] is not None]
+    gf = [r["gflops_per_iter"] for r in rows if r.get("gflops_per_iter") is not None]
     return {"acc1": last["test_acc1"], "acc5": last["test_acc5"], "img_s": imgs / secs, "train_s": secs,
             "gflops": sum(gf) / len(gf) if gf else float("nan"),
             "tokens": "/".join(str(r["toe_tokens"]) for r in rows)}
@@ -66,4 +78,5 @@ for name, s in (("baseline", b), ("ToE", t)):
     print(f"{name:<10}{s['acc1']:>8.2f}{s['acc5']:>8.2f}{s['img_s']:>13.1f}{s['train_s']:>9.1f}"
           f"{s['gflops']:>13.3f}  {s['tokens']}")
 print(f"ToE/baseline: {t['img_s'] / b['img_s']:.2f}x img/s, {b['gflops'] / t['gflops']:.2f}x fewer GFLOPs")
+print(f"more (best/final top-1, GPU hours, speed-ups): python scripts/summarize.py {out}")
 EOF

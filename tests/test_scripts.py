@@ -1,12 +1,15 @@
-"""The reproduction scripts (scripts/table*.sh) and the summarizer (scripts/summarize.py).
+"""The reproduction scripts (scripts/table*.sh, scripts/quickstart.sh) and summarize.py on their SMOKE runs.
 
-* DRY_RUN: the printed Table 2 commands are parsed with main.py's own parser and checked against the paper's
-  setting (300 epochs, global batch 1024, lr 5e-4 x 1024/512, r1 0.5, Ng 3, k 2); the batch split and the
-  multi-node flags are checked for several GPU counts; the other tables' commands carry their ablation flags.
+* DRY_RUN: the printed commands are parsed with main.py's own parser and checked against the paper's
+  setting (Table 2: 300 epochs, global batch 1024, lr 5e-4 x 1024/512, r1 0.5, Ng 3, k 2; Table 3: LV-ViT's
+  dense weight 1.0, lr 1.6e-3; Table 5: no random erasing / drop path, batch 768; Table 9: both --toe-compat
+  variants), every recipe flag of main.py is spelled out once, the batch split, multi-node flags, the
+  TOE_COMPAT switch and bad environments (one `error:` line, exit 2).
 * SMOKE: every script runs every command for one epoch with a tiny model on CPU (all queued into one python
   process with SMOKE_DEFER to stay within the CI budget); the runs it produces are exactly the runs DRY_RUN
-  lists; summarize.py then prints the tables, and its numbers are checked against the logs read here.
-* Plots: written and non-empty when matplotlib imports; a clear message and no crash when it does not.
+  lists, their args.json hold the flags the scripts passed and their logs the tokens toe.Schedule keeps;
+  summarize.py then puts them in "Your runs" (they fit no paper table) with each ToE run next to its baseline.
+Paper-table filling is tested on synthetic runs in tests/test_summarize.py.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ def _env(**extra: str) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATA", "OUT", "NGPUS", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
                         "MAX_BATCH_PER_GPU", "DRY_RUN", "SMOKE", "SMOKE_DEFER", "ONLY", "TOKEN_LABEL_DATA",
-                        "IMAGENET", "AMP", "WORKERS", "FIG4_R1")}
+                        "IMAGENET", "AMP", "WORKERS", "FIG4_R1", "TOE_COMPAT", "TORCHRUN", "EPOCHS",
+                        "FAKE_SIZE", "BATCH", "QS_DATA", "DEVICE")
+           and not k.startswith(("CIFAR_", "LVVIT_"))}
     env.update(extra)
     return env
 
@@ -92,12 +97,13 @@ def test_dry_run_table2_matches_the_paper_setting():
         assert (args.opt, args.weight_decay, args.sched, args.warmup_epochs) == ("adamw", 0.05, "cosine", 5)
         assert (args.mixup, args.cutmix, args.smoothing, args.drop_path, args.reprob) == (0.8, 1.0, 0.1, 0.1, 0.25)
         assert args.repeated_aug and args.aa == "rand-m9-mstd0.5-inc1" and args.data_set == "IMNET"
-        assert args.data_path == "/data/in"
+        assert args.data_path == "/data/in" and args.curriculum == "none" and args.train_mode
         if args.toe_r1 is not None:
-            assert (args.toe_ng, args.toe_k, args.toe_layer) == (3, 2, 1)
+            assert (args.toe_ng, args.toe_k, args.toe_layer, args.toe_epochs) == (3, 2, 1, 300)
             assert math.isclose(args.toe_r0, args.toe_r1 / 2)
-            assert (args.toe_distance, args.toe_init, args.toe_no_expand, args.toe_no_merge) == \
-                ("cosine", "spatial", False, False)
+            assert (args.toe_distance, args.toe_init, args.toe_no_expand, args.toe_no_merge, args.toe_compat) == \
+                ("cosine", "spatial", False, False, "none")
+            assert "--toe-compat" in cmd  # spelled out, not left to the default
         seen.add((args.model, args.toe_r1))
         assert args.output_dir.startswith("/runs/out/table2/")
     assert seen == {("deit_tiny_patch16_224", None), ("deit_tiny_patch16_224", 0.5),
@@ -105,6 +111,71 @@ def test_dry_run_table2_matches_the_paper_setting():
                     ("deit_base_patch16_224", None), ("deit_base_patch16_224", 0.5),
                     ("deit_base_patch16_224", 0.4)}
     assert len({_flag(c, "--output_dir") for c in cmds}) == 7
+
+
+def test_toe_compat_official_switch():
+    default, official = _dry_commands("table2_deit"), _dry_commands("table2_deit", TOE_COMPAT="official")
+    assert default[:-1] == official[:-1]  # only DeiT-base r1 = 0.4 changes
+    assert _flag(default[-1], "--toe-compat") == "none" and _flag(official[-1], "--toe-compat") == "official"
+    assert _flag(official[-1], "--output_dir").endswith("/table2/deit_base_toe_r1_0.4_official")
+    assert _parse_main(official[-1]).toe_compat == "official"
+
+    for env, compat, loss, suffix in (({}, "none", "merged", ""), ({"TOE_COMPAT": "official"}, "official", "zero",
+                                                                      "_official")):
+        t3 = _dry_commands("table3_lvvit", TOKEN_LABEL_DATA="/labels", **env)
+        toe_runs = [c for c in t3 if _flag(c, "--toe-r1")]
+        assert len(toe_runs) == 3 and len(t3) == 6
+        for c in toe_runs:
+            assert (_flag(c, "--toe-compat"), _flag(c, "--toe-dense-loss")) == (compat, loss)
+            assert _flag(c, "--output_dir").endswith(f"_toe_r1_0.4{suffix}")
+        assert all(_flag(c, "--toe-compat") is None for c in t3 if not _flag(c, "--toe-r1"))
+
+
+def test_dry_run_table3_lvvit_recipe():
+    t3 = _dry_commands("table3_lvvit", TOKEN_LABEL_DATA="/labels")
+    assert {_flag(c, "--model") for c in t3} == {"lvvit_t", "lvvit_s", "lvvit_m"}
+    for c in t3:
+        args = _parse_main(c)
+        assert args.token_label and args.mix_token and args.model_ema and args.unscale_lr
+        assert args.token_label_data == "/labels" and args.epochs == 300
+        assert (args.cls_weight, args.dense_weight, args.token_label_size) == (1.0, 1.0, 14)
+        assert "--dense-weight" in c and args.toe_r1 in (None, 0.4)
+        lr_dp = {"lvvit_t": (1.6e-3, 0.1), "lvvit_s": (1.6e-3, 0.1), "lvvit_m": (1.6e-3, 0.2)}[args.model]
+        assert (args.lr, args.drop_path) == lr_dp
+        assert args.model_ema_decay == 0.99992 and not args.repeated_aug and (args.mixup, args.cutmix) == (0, 0)
+
+
+def test_dry_run_table5_cifar_recipe():
+    t5 = _dry_commands("table5_cifar")
+    ft = [c for c in t5 if _flag(c, "--finetune")]
+    assert len(ft) == 16 and len(t5) == 20  # + Table 2's four pre-training runs
+    assert {(_flag(c, "--data-set"), _flag(c, "--finetune").split("/")[-2], _flag(c, "--toe-r1")) for c in ft} == {
+        (ds, f"deit_{s}_{pre}", r1) for ds in ("CIFAR10", "CIFAR100") for s in ("tiny", "small")
+        for pre in ("baseline", "toe_r1_0.5") for r1 in (None, "0.5")}
+    for c in ft:
+        launch, args = _launcher(c), _parse_main(c)
+        assert args.batch_size * args.grad_accum_steps * int(launch["--nproc_per_node"]) == 768
+        assert (args.opt, args.lr, args.unscale_lr, args.epochs, args.weight_decay) == ("sgd", 0.01, True, 1000, 1e-4)
+        # DeiT's transfer recipe: no random erasing, no stochastic depth
+        assert (args.reprob, args.drop_path) == (0.0, 0.0)
+        assert args.toe_epochs in (None, 1000)
+    for c in t5:
+        if not _flag(c, "--finetune"):  # the ImageNet pre-training keeps DeiT's 0.25 / 0.1
+            assert (_flag(c, "--reprob"), _flag(c, "--drop-path")) == ("0.25", "0.1")
+    # 768 = 3 x 256: three GPUs split it, five do not
+    assert int(_flag(_dry_commands("table5_cifar", NGPUS="3", ONLY="table5/")[-1], "--batch-size")) == 256
+    res = _bash("table5_cifar", DRY_RUN="1", NGPUS="5", ONLY="table5/")
+    assert res.returncode == 2 and "its global batch 768 is not divisible by NGPUS x NNODES = 5 x 1 = 5" in res.stderr
+
+
+def test_dry_run_table9_runs_both_variants():
+    t9 = _dry_commands("table9_distance")
+    got = sorted((_flag(c, "--model"), _flag(c, "--toe-distance"), _flag(c, "--toe-compat")) for c in t9)
+    assert got == sorted((f"deit_{s}_patch16_224", d, v) for s in ("tiny", "small")
+                         for d in ("cosine", "euclidean", "manhattan") for v in ("none", "official"))
+    names = {_flag(c, "--output_dir").split("/out/")[1] for c in t9}
+    assert "table2/deit_tiny_toe_r1_0.5" in names and "table9/deit_small_manhattan_official" in names
+    assert "table9/deit_small_manhattan" in names and "table9/deit_tiny_cosine_official" in names
 
 
 @pytest.mark.parametrize("ngpus,nnodes,max_batch,batch,accum", [
@@ -121,15 +192,24 @@ def test_dry_run_keeps_the_global_batch(ngpus, nnodes, max_batch, batch, accum):
         assert batch * accum * int(ngpus) * int(nnodes) == 1024
 
 
-def test_bad_environment_is_one_line_exit_2():
-    res = _bash("table2_deit", DRY_RUN="1", NGPUS="3")  # 1024 is not divisible by 3 GPUs
-    assert res.returncode == 2 and res.stdout == ""
-    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and "divisible" in res.stderr
-    res = _bash("table2_deit", OUT="/tmp/x")  # a real run needs DATA
+@pytest.mark.parametrize("env,message", [
+    ({"NGPUS": "3"}, "error: table2/deit_tiny_baseline: its global batch 1024 is not divisible by NGPUS x NNODES "
+                     "= 3 x 1 = 3 GPUs; use a GPU count that divides 1024"),
+    ({"NGPUS": "four"}, "error: NGPUS must be a positive integer, got 'four'"),
+    ({"NNODES": "2", "NODE_RANK": "1"}, "error: NNODES=2 needs MASTER_ADDR, the address of the NODE_RANK=0 node "
+                                        "(the same on every node)"),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"},
+     "error: NODE_RANK must be in [0, NNODES-1], got '2'"),
+    ({"TOE_COMPAT": "paper"}, "error: TOE_COMPAT must be none or official, got 'paper'")])
+def test_bad_environment_is_one_line_exit_2(env, message):
+    res = _bash("table2_deit", DRY_RUN="1", **env)
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", message + "\n")
+
+
+def test_real_run_needs_data():
+    res = _bash("table2_deit", OUT="/tmp/x")
     assert res.returncode == 2 and res.stderr.strip() == \
         "error: set DATA to the ImageNet root (train/ and val/ class folders)"
-    res = _bash("table8_layer", DRY_RUN="1", NGPUS="four")
-    assert res.returncode == 2 and "NGPUS" in res.stderr and res.stderr.count("\n") == 1
 
 
 def test_dry_run_ablation_flags():
@@ -147,27 +227,56 @@ def test_dry_run_ablation_flags():
     assert sum("--toe-no-merge" in c for c in t7) == 2 and sum("--toe-no-expand" in c for c in t7) == 8
 
     assert sorted(_flag(c, "--toe-layer") for c in _dry_commands("table8_layer")) == ["0", "1", "2", "3"]
-    assert sorted(_flag(c, "--toe-distance") for c in _dry_commands("table9_distance")) == \
-        ["cosine", "cosine", "euclidean", "euclidean", "manhattan", "manhattan"]
 
-    t3 = _dry_commands("table3_lvvit", TOKEN_LABEL_DATA="/labels")
-    assert {_flag(c, "--model") for c in t3} == {"lvvit_t", "lvvit_s", "lvvit_m"} and len(t3) == 6
-    for c in t3:
-        assert "--token-label" in c and "--mix-token" in c and "--model-ema" in c and "--unscale-lr" in c
-        assert _flag(c, "--token-label-data") == "/labels" and _flag(c, "--epochs") == "300"
-        assert _flag(c, "--toe-r1") in (None, "0.4")
 
-    t5 = _dry_commands("table5_cifar")
-    ft = [c for c in t5 if _flag(c, "--finetune")]
-    assert len(ft) == 16 and len(t5) == 20  # + Table 2's four pre-training runs
-    assert {(_flag(c, "--data-set"), _flag(c, "--finetune").split("/")[-2], _flag(c, "--toe-r1")) for c in ft} == {
-        (ds, f"deit_{s}_{pre}", r1) for ds in ("CIFAR10", "CIFAR100") for s in ("tiny", "small")
-        for pre in ("baseline", "toe_r1_0.5") for r1 in (None, "0.5")}
-    for c in ft:
-        launch = _launcher(c)
-        assert int(_flag(c, "--batch-size")) * int(_flag(c, "--grad-accum-steps")) * \
-            int(launch["--nproc_per_node"]) == 768
-        assert (_flag(c, "--opt"), _flag(c, "--lr"), _flag(c, "--epochs")) == ("sgd", "0.01", "1000")
+def test_each_flag_once():
+    """An ablation replaces the recipe's value instead of repeating the flag (the command reads as run)."""
+    for script in TABLES:
+        for cmd in _dry_commands(script, TOKEN_LABEL_DATA="/l"):
+            flags = [t for t in _main_argv(cmd) if t.startswith("--")]
+            assert len(flags) == len(set(flags)), (script, [f for f in flags if flags.count(f) > 1])
+
+
+# main.py flags a table command may leave out: where it reads/writes, how it runs and logs, switches that are
+# off unless given (no "off" spelling), flags of what a recipe does not use; checked against main.py's parser,
+# so a new recipe flag in main.py fails here until the scripts spell it out.
+NOT_SPELLED = {
+    "run": {"device", "dist_url", "local_rank", "eval", "throughput", "resume", "resume_changed_ok", "start_epoch",
+            "print_freq", "compile", "grad_checkpointing", "model_ema_force_cpu", "opt_impl", "persistent_workers",
+            "prefetch_factor", "skip_bad_images", "world_size", "fake_size", "nb_classes", "inat_category",
+            "model_kwargs", "patch_size"},
+    "off": {"ThreeAugment", "attn_only", "bce_loss", "clip_grad", "cutmix_minmax", "curriculum_table", "lr_noise",
+            "opt_betas", "resplit", "src", "toe_stage_epochs", "toe_sparse_eval", "token_label_gt", "toe_no_expand",
+            "toe_no_merge", "unscale_lr", "token_label", "finetune"},
+    "unused": {"lr_noise_pct", "lr_noise_std", "distillation_alpha", "distillation_tau", "teacher_model",
+               "teacher_model_kwargs", "teacher_path"},
+    "token_label_only": {"cls_weight", "dense_weight", "mix_token", "token_label_data", "token_label_size",
+                         "token_label_target", "toe_dense_loss"},
+    "mixup_only": {"mixup_mode", "mixup_prob", "mixup_switch_prob"},
+    "toe_only": {"toe_r1", "toe_r0", "toe_ng", "toe_k", "toe_layer", "toe_distance", "toe_init", "toe_epochs",
+                 "toe_compat", "toe_dense_loss"},
+}
+
+
+def test_every_recipe_flag_is_spelled_out():
+    import main
+
+    dests = {a.dest for a in main.get_args_parser()._actions if a.dest != "help"}
+    for script in TABLES:
+        for cmd in _dry_commands(script, TOKEN_LABEL_DATA="/l"):
+            given = set(_parse_flags(_main_argv(cmd)))
+            allowed = NOT_SPELLED["run"] | NOT_SPELLED["off"] | NOT_SPELLED["unused"]
+            if "token_label" not in given:
+                allowed |= NOT_SPELLED["token_label_only"]
+            if _flag(cmd, "--mixup") == "0" and _flag(cmd, "--cutmix") == "0":
+                allowed |= NOT_SPELLED["mixup_only"]
+            if "toe_r1" not in given:
+                allowed |= NOT_SPELLED["toe_only"]
+            if _flag(cmd, "--opt") == "sgd":
+                allowed.add("opt_eps")
+            if "--no-repeated-aug" in cmd:
+                allowed.add("ra_reps")
+            assert dests - given - allowed == set(), (script, _flag(cmd, "--output_dir"))
 
 
 def test_only_filter():
@@ -175,45 +284,121 @@ def test_only_filter():
     assert [c[-1].rsplit("/", 1)[1] for c in cmds] == [f"deit_small_random_noexpand_seed{i}" for i in range(3)]
 
 
+def _write_complete_log(run: Path, epochs: int, notice_at: Optional[int] = None) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    rows = [{"epoch": e, "test_acc1": 1.0} for e in range(epochs if notice_at is None else notice_at)]
+    if notice_at is not None:
+        rows.append({"resumed_with_changes": {"toe_r1": [0.5, 0.4]}, "epoch": notice_at})
+    (run / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_finished_runs_are_skipped_on_every_node(tmp_path):
+    """Skipping reads the shared OUT: node 1 of 2 skips the runs node 0 would skip, and launches the others
+    (here: TORCHRUN=echo). A notice row for the last epoch is not the last epoch's metrics."""
+    out, data = tmp_path / "out", tmp_path / "imagenet"
+    data.mkdir()
+    for name in ("table2/deit_tiny_toe_r1_0.5", "table8/deit_tiny_layer0", "table8/deit_tiny_layer2"):
+        _write_complete_log(out / name, 300)
+    _write_complete_log(out / "table8/deit_tiny_layer3", 300, notice_at=299)
+    for rank in ("0", "1"):
+        res = _bash("table8_layer", OUT=str(out), DATA=str(data), NGPUS="8", NNODES="2", NODE_RANK=rank,
+                    MASTER_ADDR="10.0.0.1", TORCHRUN="echo")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count(": complete (300 epochs in ") == 3
+        launched = [line for line in res.stdout.splitlines() if line.startswith("--nproc_per_node")]
+        assert len(launched) == 1 and f"--node_rank {rank} " in launched[0] and "deit_tiny_layer3" in launched[0]
+
+
+def test_quickstart_rejects_bad_epochs():
+    res = subprocess.run(["bash", str(SCRIPTS / "quickstart.sh")], cwd=ROOT, env=_env(EPOCHS="0"), text=True,
+                         capture_output=True, timeout=60)
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", "error: EPOCHS must be a positive integer, got '0'\n")
+
+
+@pytest.mark.slow
+def test_quickstart_one_epoch(tmp_path):
+    """EPOCHS=1 (< ng = 3 stages) runs: ToE's stages span 3 epochs, so epoch 0 keeps r1 = 50% of the tokens."""
+    res = subprocess.run(["bash", str(SCRIPTS / "quickstart.sh")], cwd=ROOT, text=True, capture_output=True,
+                         timeout=600, env=_env(EPOCHS="1", FAKE_SIZE="32", BATCH="16", DEVICE="cpu",
+                                               OUT=str(tmp_path), QS_DATA="fake", OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    import runlog
+
+    rows = runlog.epoch_rows(str(tmp_path / "toe" / "log.txt"))
+    assert [(r["epoch"], r["toe_tokens"], r["num_patches"]) for r in rows] == [(0, 32, 64)]
+    assert json.loads((tmp_path / "toe" / "args.json").read_text())["toe_epochs"] == 3
+    assert "ToE/baseline:" in res.stdout and "summarize.py" in res.stdout.splitlines()[-1]
+
+
 # ============================================================================================== SMOKE
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Every script with SMOKE=1, queued (SMOKE_DEFER) and run in one python process."""
+    """Every script with SMOKE=1, queued (SMOKE_DEFER) and run in one python process; ``argv``: the main.py
+    arguments each script printed for each run folder."""
     base = tmp_path_factory.mktemp("smoke")
     out, queue = base / "out", base / "queue"
+    argv: Dict[str, List[str]] = {}
     for script in TABLES:
         res = _bash(script, SMOKE="1", SMOKE_DEFER=str(queue), OUT=str(out))
         assert res.returncode == 0, f"{script}: {res.stderr}"
+        for line in res.stdout.splitlines():
+            if line.startswith("[smoke] table") and " python main.py " in line:
+                cmd = shlex.split(line.split(": ", 1)[1])
+                argv[cmd[cmd.index("--output_dir") + 1]] = cmd[2:]
     flush = subprocess.run(["bash", "-c", "source scripts/common.sh && smoke_flush now"], cwd=ROOT,
                            env=_env(SMOKE="1", SMOKE_DEFER=str(queue), OUT=str(out)), text=True,
-                           capture_output=True, timeout=600)
-    return {"out": out, "flush": flush, "base": base}
+                           capture_output=True, timeout=900)
+    return {"out": out, "flush": flush, "base": base, "argv": argv}
 
 
 def _log(run: Path) -> List[dict]:
-    return [json.loads(line) for line in (run / "log.txt").read_text().splitlines() if line.strip()]
+    import runlog
+
+    return runlog.epoch_rows(str(run / "log.txt"))
+
+
+def _expected_tokens(args: Dict[str, object], epoch: int, num_patches: int) -> int:
+    """Patch tokens ToE keeps at ``epoch``: toe.Schedule for the paper's equations; the official code's
+    int(r0 M) + int(M (r1 - r0)) in its first stage."""
+    import toe
+
+    if args["toe_r1"] is None:
+        return num_patches
+    sched = toe.Schedule(r1=args["toe_r1"], ng=args["toe_ng"], k=args["toe_k"], r0=args["toe_r0"],
+                         epochs=args["toe_epochs"])
+    if args["toe_compat"] == "official":
+        assert sched.stage(epoch) == 1
+        r0, r1 = sched.r0, sched.r1
+        return int(r0 * num_patches) + int(num_patches * (r1 - r0))
+    return sched.num_tokens(epoch, num_patches)
 
 
 def test_smoke_runs_every_command_of_every_script(smoke):
     flush = smoke["flush"]
     assert flush.returncode == 0, flush.stdout[-3000:] + flush.stderr[-3000:]
     out = smoke["out"]
-    # the runs SMOKE made are exactly the runs DRY_RUN lists, each with its one epoch logged
+    # the runs SMOKE made are exactly the runs DRY_RUN lists
     expected = set()
     for script in TABLES:
         res = _bash(script, DRY_RUN="1", DATA="/d", OUT=str(out), TOKEN_LABEL_DATA="/l")
         expected |= {_flag(shlex.split(line), "--output_dir") for line in res.stdout.splitlines()
                      if line.startswith("torchrun ")}
     made = {str(p.parent) for p in out.rglob("log.txt")}
-    assert made == expected
-    for run in made:
-        rows = _log(Path(run))
-        assert [r["epoch"] for r in rows] == [0] and 0 <= rows[0]["test_acc1"] <= 100
+    assert made == expected == set(smoke["argv"])
     assert flush.stdout.count(": exit 0 in ") == len(made) + 1  # + the token-label generation
-    # ToE really ran in the ToE runs: stage 1 keeps r1 of the 8x8 patches
+    summarize = _summarize_module()
+    for run in sorted(made):
+        rows = _log(Path(run))
+        args = json.loads((Path(run) / "args.json").read_text())
+        # main.py ran with the flags the script passed (args.json reads them back)
+        passed = _parse_flags(smoke["argv"][run])
+        assert {k: v for k, v in passed.items() if not summarize._same(args[k], v)} == {}, run
+        # one epoch each, 8x8 patches, and ToE kept the tokens its schedule says
+        assert [r["epoch"] for r in rows] == [0] and rows[0]["num_patches"] == 64, run
+        assert rows[0]["toe_tokens"] == _expected_tokens(args, 0, 64), run
     r = _log(out / "table2" / "deit_tiny_toe_r1_0.5")[0]
-    assert (r["toe_keep_rate"], r["toe_tokens"], r["num_patches"]) == (0.5, 32, 64)
-    assert _log(out / "table8" / "deit_tiny_layer3")[0]["toe_tokens"] == 32
+    assert (r["toe_keep_rate"], r["toe_tokens"]) == (0.5, 32)
+    assert _log(out / "table3" / "lvvit_s_toe_r1_0.4")[0]["toe_tokens"] == 25  # floor(0.4 x 64)
 
 
 def test_smoke_rerun_skips_complete_runs(smoke):
@@ -229,115 +414,42 @@ def _summarize_module():
     return mod
 
 
-def test_summarize_prints_the_tables(smoke, tmp_path):
+def _parse_flags(argv: List[str]) -> Dict[str, object]:
+    return _summarize_module().parse_flags(argv)
+
+
+def test_summarize_smoke_runs_are_your_runs(smoke, tmp_path):
+    """Smoke runs (tiny model, FAKE data, 1 epoch) fit no paper table: the output says why first, and
+    "Your runs" pairs each ToE run with its baseline; toe.flops's count of a baseline equals what main.py
+    logged."""
     out = smoke["out"]
     md, js = tmp_path / "tables.md", tmp_path / "cells.json"
     res = subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), str(out), "--markdown", str(md),
                           "--json", str(js)], cwd=ROOT, text=True, capture_output=True, timeout=600,
                          env=_env(OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr
-    text = res.stdout
-    for title in ("Table 2. DeiT on ImageNet-1K", "Table 3. LV-ViT", "Table 5. Fine-tuning DeiT on CIFAR-10/100",
-                  "Table 6.", "Table 7.", "Table 8.", "Table 9."):
-        assert title in text and f"### {title}" in md.read_text()
-    cells = {t["table"]: t["cells"] for t in json.loads(js.read_text())["tables"]}
+    lines = res.stdout.splitlines()
+    n = len(smoke["argv"])
+    assert lines[0] == f'{n} run(s) fit no paper table (they are in "Your runs" below); how they differ from ' \
+                       "the table scripts' commands:"
+    assert "    --input-size 32, not 224" in lines and "    --epochs 1, not 300" in lines
+    tables = {t["table"]: t for t in json.loads(js.read_text())["tables"]}
+    assert all(not c["runs"] for t, table in tables.items() if t != "yours" for c in table["cells"].values())
+    yours = tables["yours"]["cells"]
+    assert len(yours) == n and "### Your runs" in md.read_text()
 
-    # Table 2, DeiT-tiny: top-1 = best logged test_acc1, GPU hours = sum(epoch_time) x 1 process / 3600
-    base_run, toe_run = out / "table2" / "deit_tiny_baseline", out / "table2" / "deit_tiny_toe_r1_0.5"
-    base, toe_ = cells["2"]["DeiT-tiny Baseline"], cells["2"]["DeiT-tiny ToE r1=0.5"]
-    assert base["runs"] == [str(base_run)] and toe_["runs"] == [str(toe_run)]
-    for cell, run in ((base, base_run), (toe_, toe_run)):
-        rows = _log(run)
-        assert math.isclose(cell["top1"], max(r["test_acc1"] for r in rows))
-        assert math.isclose(cell["gpu_hours"], sum(r["epoch_time"] for r in rows) / 3600)
-    # GFLOPs: the baseline's equals what main.py logged (same thop count, no schedule); ToE's is lower
-    assert math.isclose(base["gflops"], _log(base_run)[0]["gflops_per_iter"], rel_tol=1e-6)
-    assert toe_["gflops"] < base["gflops"]
-    row = next(l for l in text.splitlines() if l.startswith("DeiT-tiny") and "ToE r1=0.5" in l)
-    assert f"{toe_['top1']:.2f} ({toe_['top1'] - base['top1']:+.2f})" in row
-    assert "72.6 (+0.4)" in row and "2.6e3 (1.27x)" in row and "44.2h" in row and "1.24x" in row
-    acc = base["gpu_hours"] / toe_["gpu_hours"]
-    assert f"{acc:.2f}x" in row and f"({base['gflops'] / toe_['gflops']:.2f}x)" in row
+    def cell(run: str) -> dict:
+        return yours[run]
 
-    # Table 3 uses the EMA top-1 of the token-labeling runs
-    lv = cells["3"]["LV-ViT-S ToE r1=0.4"]
-    assert lv["runs"] == [str(out / "table3" / "lvvit_s_toe_r1_0.4")]
-    assert math.isclose(lv["top1"], max(r["ema_test_acc1"] for r in _log(Path(lv["runs"][0]))))
-
-    # Table 5: the fine-tuning source is read from the --finetune checkpoint's own args
-    for key, cell in cells["5"].items():
-        group, rest = key.split(" ", 1)
-        size = group.split("-")[1]
-        pre = "toe" if rest.startswith("pre ToE") else "baseline"
-        ft = "toe_r1_0.5" if "ft ToE" in rest else "baseline"
-        ds = rest.rsplit(" ", 1)[1]
-        assert cell["runs"] == [str(out / "table5" / f"deit_{size}_{ds}_pre_{pre}_ft_{ft}")]
-
-    # Table 7: the three random-init seeds are one cell, mean +- sample std
-    rnd = cells["7"]["Random init, no expansion, merge DeiT-tiny"]
-    accs = [max(r["test_acc1"] for r in _log(Path(p))) for p in rnd["runs"]]
-    assert len(accs) == 3 and math.isclose(rnd["top1"], sum(accs) / 3)
-    mean = sum(accs) / 3
-    assert math.isclose(rnd["top1_std"], math.sqrt(sum((a - mean) ** 2 for a in accs) / 2), abs_tol=1e-9)
-
-    # Table 8: the later ToE acts, the more blocks run on all tokens
-    gf = [cells["8"][k]["gflops"] for k in ("Embedding (layer 0)", "First block (layer 1)",
-                                          "Second block (layer 2)", "Third block (layer 3)")]
-    assert gf == sorted(gf) and len(set(gf)) == 4
-    # Table 6/9 cells are filled by their own runs plus Table 2's shared default
-    assert cells["6"]["default (1/2, 3, 2)"]["runs"] == [str(toe_run)]
-    assert cells["9"]["Cosine distance DeiT-tiny"]["runs"] == [str(toe_run)]
-    assert all(c["runs"] for t in ("6", "7", "8", "9") for c in cells[t].values())
-
-
-def test_summarize_plots(smoke, tmp_path, capsys):
-    summarize = _summarize_module()
-    plots = tmp_path / "plots"
-    rc = summarize.main([str(smoke["out"] / "table2"), str(smoke["out"] / "table6"), "--tables", "2",
-                         "--no-flops", "--plots", str(plots)])
-    err = capsys.readouterr().err
-    assert rc == 0
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not installed" in err and not plots.exists()
-        return
-    names = sorted(p.name for p in plots.iterdir())
-    assert names == sorted(f"fig{f}_deit_{s}_patch16_224.png" for s in ("base", "small", "tiny") for f in (3, 4))
-    for p in plots.iterdir():
-        data = p.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-
-
-def test_summarize_without_matplotlib(smoke, tmp_path, capsys, monkeypatch):
-    summarize = _summarize_module()
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    plots = tmp_path / "plots"
-    rc = summarize.main([str(smoke["out"] / "table8"), "--tables", "8", "--no-flops", "--plots", str(plots)])
-    captured = capsys.readouterr()
-    assert rc == 0 and "Table 8." in captured.out
-    assert captured.err.strip().splitlines() == [
-        "summarize.py: matplotlib is not installed, so no plots were drawn (pip install matplotlib)"]
-    assert not plots.exists()
-
-
-def test_summarize_bad_input(tmp_path):
-    def run(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(SCRIPTS / "summarize.py"), *argv], cwd=ROOT, text=True,
-                              capture_output=True, timeout=120)
-
-    for argv, needle in (([str(tmp_path / "missing")], "no such file or directory"),
-                         ([str(tmp_path)], "no log.txt under"),
-                         ([str(tmp_path), "--tables", "4"], "unknown table 4"),
-                         ([], "the following arguments are required")):
-        res = run(*argv)
-        assert res.returncode == 2, (argv, res.stderr)
-        assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr
-        assert res.stderr.startswith("summarize.py: error: ") and "Traceback" not in res.stderr
-    # a log.txt without args (no args.json, no checkpoint): skipped with a warning -> nothing readable -> 2
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "log.txt").write_text(json.dumps({"epoch": 0, "test_acc1": 1.0}) + "\n")
-    res = run(str(tmp_path))
-    assert res.returncode == 2 and "no readable run" in res.stderr.splitlines()[-1]
+    for toe_run, base_run in (("table2/deit_tiny_toe_r1_0.5", "table2/deit_tiny_baseline"),
+                              ("table3/lvvit_m_toe_r1_0.4", "table3/lvvit_m_baseline"),
+                              ("table5/deit_small_cifar10_pre_toe_ft_toe_r1_0.5",
+                               "table5/deit_small_cifar10_pre_toe_ft_baseline")):
+        assert cell(toe_run)["baseline"] == [str(out / base_run)], toe_run
+        assert cell(toe_run)["gflops_source"] == cell(base_run)["gflops_source"] == "toe.flops"
+        assert cell(toe_run)["gflops"] < cell(base_run)["gflops"]
+        assert math.isclose(cell(base_run)["gflops"], _log(out / base_run)[0]["gflops_per_iter"], rel_tol=1e-6)
+        assert math.isclose(cell(toe_run)["top1"], max(r["test_acc1"] for r in _log(out / toe_run)))
+        assert math.isclose(cell(base_run)["gpu_hours"], sum(r["epoch_time"] for r in _log(out / base_run)) / 3600)
+    # seeds 1 and 2 of Table 7 have no baseline with their seed
+    assert cell("table7/deit_tiny_random_noexpand_seed1")["baseline"] == []
