@@ -219,7 +219,9 @@ def _add_finetune_and_data(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num_workers", default=10, type=int, help="data loader processes per training process (default: 10)")
     _on_off(g, "pin-mem", True, "page-locked host batches for faster copies to the GPU")
     g.add_argument("--prefetch-factor", default=2, type=int, help="batches each loader worker prepares ahead (default: 2)")
-    _on_off(g, "persistent-workers", True, "keep loader workers alive between epochs")
+    _on_off(g, "persistent-workers", False, "keep loader workers alive between epochs: saves their start-up "
+                                            "each epoch, but their random streams then depend on where the run "
+                                            "started, so a resumed run is no longer bitwise identical")
 
 
 def _add_run(parser: argparse.ArgumentParser) -> None:

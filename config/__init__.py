@@ -285,7 +285,7 @@ def _curriculum(args: argparse.Namespace, patch_size: int):
 
     try:
         if args.curriculum_table:
-            return Curriculum.parse(args.curriculum_table, patch_size=patch_size, epochs=args.epochs)
+            return Curriculum.parse(args.curriculum_table, patch_size=patch_size)
         return Curriculum.efficienttrain(epochs=args.epochs, final_size=args.input_size, patch_size=patch_size)
     except ValueError as e:
         raise UsageError(f"--curriculum: {e}") from None
@@ -319,10 +319,12 @@ def _resolve(args: argparse.Namespace) -> Config:
     patch = checks.check_against_model(model, toe_cfg, token_label, args.nb_classes)
     data = _data(args)
     flags = utils.plain_dict(vars(args))
-    flags.update(amp=amp, device=device, lr_scaled=_optim(args, global_batch).lr, global_batch=global_batch,
-                 eval_crop_ratio=data.aug.eval_crop_ratio)
-    return Config(model, toe_cfg, _optim(args, global_batch), data, distill, token_label, run,
-                  _curriculum(args, patch), flags)
+    optim = _optim(args, global_batch)
+    stage_epochs = _stage_epochs(args.toe_stage_epochs)
+    flags.update(amp=amp, device=device, lr_scaled=optim.lr, global_batch=global_batch,
+                 eval_crop_ratio=data.aug.eval_crop_ratio,
+                 toe_stage_epochs=list(stage_epochs) if stage_epochs else None)
+    return Config(model, toe_cfg, optim, data, distill, token_label, run, _curriculum(args, patch), flags)
 
 
 # ------------------------------------------------------------------------------------ resume changes

@@ -1,0 +1,105 @@
+"""EfficientTrain curriculum (Table 4) through main.py: per-epoch input size, RandAugment magnitude, ToE tokens,
+GFLOPs, and resume in the middle of the curriculum."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT, child_env, main_inprocess, read_log
+from test_train_e2e import _KILL_AT_EPOCH1_ITER3, _assert_state_equal, _load
+
+# final 64 px, patch 8: EfficientTrain's 5/7, 5/7, 5/7, 6/7, 1 -> 48, 48, 48, 56, 64
+CURRICULUM = ["--model", "deit_tiny_patch16_224", "--input-size", "64", "--patch-size", "8",
+              "--model-kwargs", "depth=2", "embed_dim=32", "num_heads=2", "--device", "cpu", "--num_workers", "0",
+              "--data-set", "FAKE", "--fake-size", "48", "--batch-size", "16", "--epochs", "5",
+              "--curriculum", "efficienttrain", "--toe-r1", "0.6", "--toe-r0", "0.3", "--warmup-epochs", "1",
+              "--model-ema-decay", "0.9", "--seed", "3"]
+SIZES = [48, 48, 48, 56, 64]
+MAGNITUDES = [1, 3, 5, 7, 9]
+
+
+def _expected_tokens(epoch: int) -> int:
+    """floor(r_delta * M) at the epoch's size: stages of 5 epochs over ng = 3 start at 0, 2, 4."""
+    keep = {0: 0.6, 1: 0.6, 2: 0.8, 3: 0.8, 4: 1.0}[epoch]
+    patches = (SIZES[epoch] // 8) ** 2
+    return int(math.floor(keep * patches + 1e-6))
+
+
+@pytest.fixture(scope="module")
+def curriculum_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("curriculum")
+    code, stdout, err = main_inprocess(CURRICULUM + ["--output_dir", str(out)])
+    assert code == 0, err
+    return out, read_log(out / "log.txt")
+
+
+def test_sizes_magnitudes_and_tokens_per_epoch(curriculum_run):
+    _, rows = curriculum_run
+    assert [r["epoch"] for r in rows] == list(range(5))
+    assert [r["train_input_size"] for r in rows] == SIZES
+    assert [r["aa_magnitude"] for r in rows] == MAGNITUDES
+    assert [r["toe_tokens"] for r in rows] == [_expected_tokens(e) for e in range(5)]
+    assert all(r["num_patches"] == 64 for r in rows)  # evaluation at the final size
+
+
+def test_gflops_follow_size_and_stage(curriculum_run):
+    """Each epoch's GFLOPs are toe.flops' count (the one FLOPs formula, tested on its own in test_flops.py) of a
+    model built at that epoch's size (fixed size, no pos_embed interpolation), at that epoch's ToE stage."""
+    import timm
+
+    import toe
+    from toe import flops
+
+    _, rows = curriculum_run
+    schedule = toe.Schedule(r1=0.6, r0=0.3, ng=3, k=2, epochs=5)
+    for row in rows:
+        size = row["train_input_size"]
+        model = timm.create_model("deit_tiny_patch16_224", img_size=size, patch_size=8, depth=2, embed_dim=32,
+                                  num_heads=2, num_classes=10)
+        counted = flops.gflops_per_iteration(model, schedule, layer=1, batch_size=16, img_size=size)
+        per_stage = {s["stage"]: s["gflops"] for s in counted["stages"]}
+        assert row["gflops_per_iter"] == pytest.approx(per_stage[row["toe_stage"]], rel=1e-9), row
+    # the curriculum makes early epochs cheaper than the final size at the same stage
+    assert rows[0]["gflops_per_iter"] < rows[4]["gflops_per_iter"] * 0.6
+
+
+def test_resume_mid_curriculum_is_bitwise(curriculum_run, tmp_path):
+    import subprocess
+    import sys
+
+    ref_out, ref_rows = curriculum_run
+    out = tmp_path / "killed"
+    script = _KILL_AT_EPOCH1_ITER3.format(root=str(ROOT)).replace('"train epoch 1"', '"train epoch 3"').replace(
+        "self.done == 3", "self.done == 1")
+    proc = subprocess.run([sys.executable, "-c", script] + CURRICULUM + ["--output_dir", str(out), "--print-freq", "1"],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode < 0, proc.stderr[-2000:]  # killed in epoch 3, the first of phase 4 (56 px)
+    assert [r["epoch"] for r in read_log(out / "log.txt")] == [0, 1, 2]
+    code, stdout, err = main_inprocess(CURRICULUM + ["--output_dir", str(out)])
+    assert code == 0, err
+    rows = read_log(out / "log.txt")
+    assert [r["train_input_size"] for r in rows] == SIZES
+    for a, b in zip(ref_rows, rows):
+        assert (a["train_loss"], a["test_acc1"], a["toe_tokens"]) == (b["train_loss"], b["test_acc1"], b["toe_tokens"])
+    ref, got = _load(ref_out / "checkpoint.pth"), _load(out / "checkpoint.pth")
+    _assert_state_equal(ref["model"], got["model"], "model")
+    _assert_state_equal(ref["model_ema"], got["model_ema"], "model_ema")
+
+
+def test_curriculum_table_flag_and_bad_tables():
+    from main import get_args_parser
+    import config
+    from errors import UsageError
+
+    base = [a for a in CURRICULUM if a not in ("--curriculum", "efficienttrain")]
+    args = get_args_parser().parse_args(base + ["--curriculum-table", "0:32:2,3:64:6"])
+    cfg = config.from_args(args)
+    assert [cfg.curriculum.input_size(e) for e in range(5)] == [32, 32, 32, 64, 64]
+    assert [cfg.curriculum.magnitude(e) for e in range(5)] == [2, 2, 2, 6, 6]
+    for table in ("5:32:2", "0:33:2", "0:32"):
+        with pytest.raises(UsageError, match="--curriculum"):
+            config.from_args(get_args_parser().parse_args(base + ["--curriculum-table", table]))
+    with pytest.raises(UsageError, match="not both"):
+        config.from_args(get_args_parser().parse_args(CURRICULUM + ["--curriculum-table", "0:32:2"]))
