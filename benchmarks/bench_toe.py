@@ -9,6 +9,10 @@ Prints
   3. the practical speedup over the schedule, sum_s L_s t_base / sum_s L_s t_s (L_s = stage lengths in
      epochs), next to the theoretical speedup of ``toe.flops.gflops_per_iteration``.
 
+With ``--compile`` it also times torch.compile'd copies of the baseline and of the patched model, interleaved
+with the eager ones, and prints their step times next to the eager ones with the number of compiled graphs
+(ToE should add one per stage, whatever the number of calls).
+
 This is a benchmark that prints numbers, not a test. Example (the issue's target setting):
 
     python benchmarks/bench_toe.py --model deit_tiny_patch16_224 --batch-size 32 --img-size 224 --threads 2
@@ -62,6 +66,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "jobs on a shared machine barely change (use with --threads 1; CPU only)")
     p.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 + GradScaler on CUDA")
     p.add_argument("--profile-op", action="store_true", help="print torch.profiler's table for the op")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd copies of the baseline and the patched model")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for --compile (e.g. inductor, aot_eager, eager)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     args = p.parse_args(argv)
@@ -100,8 +108,8 @@ def make_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
     from timm.optim import create_optimizer_v2
 
     device = images.device
-    # DeiT's optimizer settings; the values do not matter for speed.
-    optimizer = create_optimizer_v2(model, "adamw", lr=5e-4, weight_decay=0.05)
+    # DeiT's optimizer settings; the values do not matter for speed. Built on the module under compile.
+    optimizer = create_optimizer_v2(toe.unwrap_model(model), "adamw", lr=5e-4, weight_decay=0.05)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
@@ -134,6 +142,48 @@ def block_input(model: torch.nn.Module, images: torch.Tensor, layer: int, amp: b
     return captured[0]
 
 
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compiled_configs(compiled_plain: torch.nn.Module, compiled_patched: torch.nn.Module, starts: List[int],
+                     images: torch.Tensor, labels: torch.Tensor, amp: bool) -> Dict[str, Callable[[], None]]:
+    """Step functions of the compiled baseline and of every stage of the compiled patched model."""
+    configs = {"baseline compiled": make_step(compiled_plain, images, labels, amp)}
+    step = make_step(compiled_patched, images, labels, amp)
+    for s, start in enumerate(starts, 1):
+        def run(start: int = start) -> None:
+            toe.set_epoch(compiled_patched, start)  # switches between cached per-stage graphs
+            step()
+        configs[f"stage {s} compiled"] = run
+    return configs
+
+
+def report_compiled(med: Dict[str, float], times: Dict[str, List[float]], theory: Dict[str, Any],
+                    lengths: List[int], backend: str, graphs: int, graphs_in_reps: int) -> Dict[str, Any]:
+    """Print compiled step times next to the eager ones; return them for --json."""
+    rows = [("baseline", theory["baseline"]["tokens"])] + [
+        (f"stage {s}", st["tokens"]) for s, st in enumerate(theory["stages"], 1)]
+    base = med["baseline compiled"]
+    print(f"\ntorch.compile (backend {backend}): {graphs} graphs compiled in warmup for baseline + "
+          f"{len(rows) - 1} stages, {graphs_in_reps} more during the timed reps")
+    print(f"  {'':<10} {'tokens':>6} {'eager ms':>9} {'compiled':>9} {'min ms':>9} {'c/eager':>8} {'speedup':>8}")
+    out: Dict[str, Any] = {"backend": backend, "graphs": graphs, "graphs_in_reps": graphs_in_reps, "rows": []}
+    for name, tokens in rows:
+        eager, compiled = med[name], med[f"{name} compiled"]
+        print(f"  {name:<10} {tokens:>6} {eager * 1e3:>9.1f} {compiled * 1e3:>9.1f} "
+              f"{min(times[f'{name} compiled']) * 1e3:>9.1f} {compiled / eager:>8.3f} {base / compiled:>7.3f}x")
+        out["rows"].append({"config": name, "tokens": tokens, "eager_step_s": eager, "compiled_step_s": compiled,
+                            "speedup_vs_compiled_baseline": base / compiled})
+    mean_step = sum(L * med[f"stage {s} compiled"] for s, L in enumerate(lengths, 1)) / sum(lengths)
+    out["practical_speedup"] = base / mean_step
+    print(f"  compiled practical speedup over the schedule {base / mean_step:.3f}x (compiled baseline "
+          f"{base * 1e3:.1f} ms, schedule-weighted compiled step {mean_step * 1e3:.1f} ms)")
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     global CLOCK
     args = parse_args(argv)
@@ -154,8 +204,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     theory = gflops_per_iteration(plain, schedule, layer=args.toe_layer, batch_size=args.batch_size,
                                   img_size=args.img_size)
     plain = plain.to(device).train()
-    # Both timed models are fresh copies of the same weights, made the same way.
+    # All timed models are fresh copies of the same weights, made the same way.
     patched = toe.apply(copy.deepcopy(plain), schedule, layer=args.toe_layer).train()
+    if args.compile:
+        # Dynamo skips guards on module hooks by default, so the patched model (same class as the baseline)
+        # would silently run the baseline's graph, without ToE. Guarding on hooks tells the two apart.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        compiled_patched = torch.compile(toe.apply(copy.deepcopy(plain), schedule, layer=args.toe_layer).train(),
+                                         backend=args.compile_backend)
+        compiled_plain = torch.compile(copy.deepcopy(plain), backend=args.compile_backend)
     plain = copy.deepcopy(plain)
     num_classes = getattr(plain, "num_classes", 1000)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -165,6 +222,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"threads {torch.get_num_threads()}  amp {args.amp}  clock {args.clock}  torch {torch.__version__}")
     print(f"ToE r1={schedule.r1:g} r0={schedule.r0:g} ng={schedule.ng} k={schedule.k} layer={args.toe_layer}; "
           f"stage lengths {list(schedule.stage_lengths())} epochs")
+    if args.compile:
+        print(f"torch.compile backend {args.compile_backend}: compiled configurations are timed interleaved with "
+              f"the eager ones; compilation happens in the untimed warmup")
 
     # ---- training steps: baseline and every stage, interleaved ------------------------------------------
     starts = [sum(schedule.stage_lengths()[:i]) for i in range(schedule.ng)]
@@ -175,11 +235,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             toe.set_epoch(patched, start)
             patched_step()
         configs[f"stage {s}"] = run
+    if args.compile:
+        configs.update(compiled_configs(compiled_plain, compiled_patched, starts, images, labels, args.amp))
     times: Dict[str, List[float]] = {name: [] for name in configs}
     names = list(configs)
-    for _ in range(args.warmup):
+    for warm in range(max(args.warmup, 1 if args.compile else 0)):
         for name in names:
-            configs[name]()
+            if warm < args.warmup or name.endswith(" compiled"):  # compiling must not be timed
+                configs[name]()
+    graphs_after_warmup = _unique_graphs() if args.compile else 0
     for rep in range(args.reps):
         # Rotate which configuration starts a round, so that none is always timed first (drift in a round).
         for name in names[rep % len(names):] + names[:rep % len(names)]:
@@ -189,6 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"rep {rep + 1}/{args.reps}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names),
               file=sys.stderr, flush=True)
     med = {name: statistics.median(v) for name, v in times.items()}
+    graphs_in_reps = _unique_graphs() - graphs_after_warmup if args.compile else 0
 
     # ---- the op alone, on the real block-`layer` input ----------------------------------------------------
     x = block_input(plain, images, args.toe_layer, args.amp)
@@ -245,6 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "speedup": base / t, "theoretical": th})
         print(f"  {f'stage {s}':<10} {st['tokens']:>6} {t * 1e3:>9.1f} {min(times[f'stage {s}']) * 1e3:>9.1f} "
               f"{base / t:>7.3f}x {th:>6.3f}x")
+    compiled_summary = (report_compiled(med, times, theory, lengths, args.compile_backend, graphs_after_warmup,
+                                        graphs_in_reps) if args.compile else None)
     mean_step = sum(L * med[f"stage {s}"] for s, L in enumerate(lengths, 1)) / sum(lengths)
     practical = base / mean_step
     ratio = practical / theory["speedup"]
@@ -271,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           "practical_speedup": practical, "practical_speedup_paired": paired,
                           "practical_speedup_min": practical_min,
                           "theoretical_speedup": theory["speedup"],
-                          "ratio": ratio, "times_s": times}))
+                          "ratio": ratio, "times_s": times, "compiled": compiled_summary}))
     return 0
 
 

@@ -23,6 +23,93 @@ def tokens_seen_by(model, block):
     return seen, handle
 
 
+def by_hand(plain, x, layer, rates, k, **options):
+    """The patched forward composed by hand from timm's public pieces on an unpatched model:
+    head(norm(blocks[layer:](token_expansion(blocks[:layer](embed(x))))))."""
+    tokens = plain.norm_pre(plain.patch_drop(plain._pos_embed(plain.patch_embed(x))))
+    for block in plain.blocks[:layer]:
+        tokens = block(tokens)
+    if (plain.training or options.pop("sparse_eval", False)) and rates[-1] < 1.0:
+        tokens, _ = toe.token_expansion(tokens, rates, k, num_prefix_tokens=plain.num_prefix_tokens, **options)
+    for block in plain.blocks[layer:]:
+        tokens = block(tokens)
+    return plain.forward_head(plain.norm(tokens))
+
+
+def total(out):
+    """Scalar loss of logits or of the distilled (cls, dist) pair, with unequal weights per class."""
+    outs = out if isinstance(out, tuple) else (out,)
+    weights = torch.linspace(-1.0, 2.0, outs[0].shape[-1])
+    return sum((o * weights).sum() for o in outs)
+
+
+def patched_and_plain(name="deit_tiny_patch16_224", *, distilled=False, **overrides):
+    """A patched model and an unpatched deep copy with the same weights (both without ToE so far)."""
+    model = tiny(name, **overrides)
+    if distilled:
+        model.set_distilled_training(True)
+    return model, copy.deepcopy(model)
+
+
+def assert_same_gradients(model, plain):
+    """Every parameter gradient is finite, nonzero, and equal to the hand composition's."""
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        ref = grads[name].grad
+        assert p.grad is not None and ref is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7, msg=name)
+
+
+OPTIONS = [
+    {},
+    dict(init="random"),
+    dict(expand=False),
+    dict(merge=False),
+    dict(distance="euclidean"),
+    dict(distance="manhattan"),
+    dict(compat="official"),
+    dict(compat="official", distance="euclidean", merge=False),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("distilled", [False, True], ids=["vit", "distilled"])
+def test_patched_forward_is_the_composition_by_hand(distilled, layer, options):
+    name = "deit_tiny_distilled_patch16_224" if distilled else "deit_tiny_patch16_224"
+    model, plain = patched_and_plain(name, distilled=distilled)
+    schedule = Schedule(r1=0.4, ng=3, k=2, r0=0.2, epochs=3)  # stage 2: 44 tokens, 43 with compat="official"
+    toe.apply(model, schedule, layer=layer, **options)
+    toe.set_epoch(model, 1)
+    model.train()
+    plain.train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(layer))
+    images = x.clone().requires_grad_(True)
+    torch.manual_seed(5)  # init="random" draws from the global generator, identically in both runs
+    out = model(images)
+    torch.manual_seed(5)
+    ref = by_hand(plain, x.clone().requires_grad_(True), layer, schedule.rates(2), schedule.k, **options)
+    if distilled:
+        assert isinstance(out, tuple) and len(out) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    total(out).backward()
+    total(ref).backward()
+    assert_same_gradients(model, plain)
+    kept = 43 if options.get("compat") == "official" and options.get("expand", True) else 44
+    assert toe.last_index(model).shape == (2, model.num_prefix_tokens + kept)
+    # Pixels reach the loss through their patch token; at layer 0 without merging, dropped patches get none.
+    pixel = images.grad.abs().reshape(2, 3, 8, 4, 8, 4).sum(dim=(1, 3, 5)).reshape(2, 64)
+    assert torch.isfinite(images.grad).all()
+    if layer == 0 and not options.get("merge", True):
+        dropped = toe.last_assignment(model) < 0
+        assert dropped.sum() == 2 * (64 - kept)
+        assert (pixel[dropped] == 0).all() and (pixel[~dropped] > 0).all()
+    else:
+        assert (pixel > 0).all()
+
+
 def test_token_count_per_stage_and_layer():
     model = tiny()
     schedule = Schedule(r1=0.5, ng=3, k=2, epochs=3)
@@ -53,19 +140,26 @@ def test_other_layers(layer):
     assert seen == [33]
 
 
-def test_eval_is_the_unpatched_model_and_sparse_eval_reduces():
+def test_eval_is_the_unpatched_model_and_sparse_eval_is_the_composition():
     model = tiny()
+    plain = copy.deepcopy(model).eval()
     x = torch.randn(3, 3, 32, 32)
+    schedule = Schedule(r1=0.5, epochs=3)
     model.eval()
     with torch.no_grad():
-        ref = model(x)
-        toe.apply(model, Schedule(r1=0.5, epochs=3))
+        ref = plain(x)
+        toe.apply(model, schedule)
         assert torch.equal(model(x), ref)
         assert toe.last_index(model) is None
         toe.remove(model)
-        toe.apply(model, Schedule(r1=0.5, epochs=3), sparse_eval=True)
-        assert not torch.equal(model(x), ref)
-        assert toe.last_index(model).shape == (3, 33)
+        toe.apply(model, schedule, sparse_eval=True, distance="euclidean")
+        for epoch in (0, 1):
+            toe.set_epoch(model, epoch)
+            rates = schedule.rates(epoch + 1)
+            expected = by_hand(plain, x, 1, rates, schedule.k, distance="euclidean", sparse_eval=True)
+            torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+            assert toe.last_index(model).shape == (3, 1 + (32, 48)[epoch])
+        assert (model(x) - ref).abs().max() > 1e-3  # the reduction does change the logits
 
 
 @pytest.mark.parametrize("name, overrides, prefix", [
@@ -75,18 +169,21 @@ def test_eval_is_the_unpatched_model_and_sparse_eval_reduces():
     ("deit3_small_patch16_224", {}, 1),
 ])
 def test_train_step_on_variants(name, overrides, prefix):
-    model = tiny(name, **overrides)
+    model, plain = patched_and_plain(name, **overrides)
     toe.apply(model, Schedule(r1=0.5, epochs=3))
     toe.set_epoch(model, 0)
     model.train()
+    plain.train()
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
-    loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
-    loss.backward()
+    ref = by_hand(plain, x, 1, [0.25, 0.5], 2)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    total(out).backward()
+    total(ref).backward()
     index = toe.last_index(model)
     assert index.shape == (2, prefix + 32)
     assert index[:, :prefix].tolist() == [list(range(prefix))] * 2
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert_same_gradients(model, plain)
 
 
 def test_grad_checkpointing_does_not_skip_toe():
@@ -155,6 +252,10 @@ def test_misuse_errors():
         toe.apply(model, Schedule(r1=0.5), layer=3)
     with pytest.raises(ValueError, match="distance"):
         toe.apply(model, Schedule(r1=0.5), distance="cos")
+    with pytest.raises(ValueError, match="compat"):
+        toe.apply(model, Schedule(r1=0.5), compat="paper")
+    with pytest.raises(ValueError, match="init"):
+        toe.apply(model, Schedule(r1=0.5), init="grid")
     with pytest.raises(ValueError, match="blocks"):
         toe.apply(torch.nn.Linear(2, 2), Schedule(r1=0.5))
     toe.apply(model, Schedule(r1=0.5))
@@ -162,21 +263,34 @@ def test_misuse_errors():
         toe.apply(model, Schedule(r1=0.5))
 
 
-def test_compile_does_not_recompile_per_call():
-    from torch._dynamo.utils import counters
+def test_unwrap_model_strips_ddp_and_compile_in_any_nesting(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
-    torch._dynamo.reset()
-    counters.clear()
-    model = toe.apply(tiny(), Schedule(r1=0.5, epochs=3))
-    model.train()
-    compiled = torch.compile(model, backend="eager")
-    x = torch.randn(2, 3, 32, 32)
-    graphs = []
-    for epoch in (0, 0, 0, 1, 1, 1):
-        toe.set_epoch(compiled, epoch)
-        compiled(x)
-        graphs.append(counters["stats"]["unique_graphs"])
-    # Compiled once per stage (shapes are fixed within a stage), never once per call, and whole.
-    assert graphs[0] == graphs[1] == graphs[2] < graphs[3] == graphs[4] == graphs[5]
-    assert not counters["graph_break"]
-    assert toe.last_index(model).shape == (2, 49)
+    model = tiny()
+    compiled = torch.compile(model, backend="eager")  # compiles lazily: nothing runs here
+    assert toe.unwrap_model(model) is model
+    assert toe.unwrap_model(compiled) is model
+    assert toe.unwrap_model(torch.nn.DataParallel(compiled)) is model  # CPU-only DataParallel just wraps
+    linear = torch.nn.Linear(2, 2)
+    assert toe.unwrap_model(linear) is linear
+
+    class Holder(torch.nn.Module):  # has a child called `module` but is a model of its own, not a wrapper
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Linear(2, 2)
+            self.head = torch.nn.Linear(2, 2)
+
+    holder = Holder()
+    assert toe.unwrap_model(holder) is holder
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        assert toe.unwrap_model(ddp) is model
+        assert toe.unwrap_model(torch.compile(ddp, backend="eager")) is model
+        assert toe.unwrap_model(DistributedDataParallel(compiled)) is model
+        toe.apply(ddp, Schedule(r1=0.5, epochs=3))
+        toe.set_epoch(torch.compile(ddp, backend="eager"), 1)
+        assert toe.current_rates(model)[-1] == 0.75
+    finally:
+        dist.destroy_process_group()

@@ -7,6 +7,9 @@
         toe.set_epoch(model, epoch)
         ...
 
+``toe.apply(..., compat="official")`` selects tokens as the authors' released code does (see ``toe.ops``);
+``toe.unwrap_model`` strips DDP / torch.compile wrappers.
+
 ``toe.Schedule`` needs no torch; the op and the patch are imported on first use, so a training entry can
 validate its ToE flags before paying for ``import torch``.
 """
@@ -16,7 +19,8 @@ from typing import Any
 from .schedule import Schedule
 
 _LAZY = {"token_expansion": ".ops", "apply": ".patch", "remove": ".patch", "set_epoch": ".patch",
-         "is_applied": ".patch", "current_rates": ".patch", "last_index": ".patch", "last_assignment": ".patch"}
+         "is_applied": ".patch", "current_rates": ".patch", "last_index": ".patch", "last_assignment": ".patch",
+         "unwrap_model": ".patch"}
 
 __all__ = ["Schedule", *_LAZY]
 

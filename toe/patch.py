@@ -11,20 +11,27 @@ independent state, and gradient checkpointing, which calls the block module, can
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .ops import DISTANCES, INITS, token_expansion
+from .ops import check_options, token_expansion
 from .schedule import Schedule
 
 
 class ToEHook:
-    """Forward pre-hook state: the schedule, the current epoch, the options, and the last selection."""
+    """Forward pre-hook state: the schedule, the options, the current stage, and the last selection.
+
+    Under torch.compile the hook runs inside the compiled graph, and dynamo guards on every attribute it
+    reads there: ``rates`` (a tuple) and the options. Those change only when :meth:`set_epoch` enters a new
+    stage, so training compiles at most one graph per stage. ``epoch`` is kept for the host side and is
+    never read in the forward. ``last_index`` / ``last_assignment`` are written in the forward (under
+    compile, dynamo replays the write after the graph; it adds two outputs, no guard, no graph break).
+    """
 
     def __init__(self, schedule: Schedule, layer: int, num_prefix_tokens: int, distance: str, init: str,
-                 expand: bool, merge: bool, sparse_eval: bool) -> None:
+                 expand: bool, merge: bool, sparse_eval: bool, compat: str = "none") -> None:
         self.schedule = schedule
         self.layer = layer
         self.num_prefix_tokens = num_prefix_tokens
@@ -33,36 +40,55 @@ class ToEHook:
         self.expand = expand
         self.merge = merge
         self.sparse_eval = sparse_eval
+        self.compat = compat
         self.epoch = 0
+        self.stage = schedule.stage(0)
+        self.rates: Tuple[float, ...] = tuple(schedule.rates(self.stage))
         self.last_index: Optional[torch.Tensor] = None
         self.last_assignment: Optional[torch.Tensor] = None
 
-    @property
-    def rates(self):
-        """Cumulative keep rates [r0, ..., r_delta] of the current epoch's stage."""
-        return self.schedule.rates(self.schedule.stage(self.epoch))
+    def set_epoch(self, epoch: int) -> None:
+        """Record ``epoch``; replace the stage-level state (``stage``, ``rates``) only when the stage changes."""
+        stage = self.schedule.stage(epoch)  # validates
+        self.epoch = int(epoch)
+        if stage != self.stage:
+            self.stage = stage
+            self.rates = tuple(self.schedule.rates(stage))
 
     def __call__(self, block: nn.Module, args: tuple):
         self.last_index = self.last_assignment = None
+        # Mode first: the eval graph then reads no stage state and serves every stage.
+        if not (block.training or self.sparse_eval):
+            return None
         rates = self.rates
-        if rates[-1] >= 1.0 or not (block.training or self.sparse_eval):
+        if rates[-1] >= 1.0:
             return None
         tokens, index, assignment = token_expansion(
             args[0], rates, self.schedule.k, num_prefix_tokens=self.num_prefix_tokens, distance=self.distance,
-            init=self.init, expand=self.expand, merge=self.merge, return_assignment=True)
+            init=self.init, expand=self.expand, merge=self.merge, return_assignment=True, compat=self.compat)
         self.last_index, self.last_assignment = index, assignment
         return (tokens,) + tuple(args[1:])
 
 
+def _is_wrapper(model: nn.Module) -> bool:
+    """DDP / DataParallel, or any module whose only content is a child named ``module`` (same layout)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return True
+    children = [name for name, _ in model.named_children()]
+    return (children == ["module"] and not any(True for _ in model.parameters(recurse=False))
+            and not any(True for _ in model.buffers(recurse=False)))
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that owns ``blocks`` under DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    """The plain model under torch.compile (``._orig_mod``) and DDP (``.module``) wrappers, nested in any
+    order; ``model`` itself when it is not wrapped."""
     while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "blocks"):
-            model = model.module
-        else:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and _is_wrapper(model):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
             return model
+        model = inner
 
 
 def _find_hook(model: nn.Module) -> Optional[ToEHook]:
@@ -82,7 +108,8 @@ def _hook(model: nn.Module) -> ToEHook:
 
 
 def apply(model: nn.Module, schedule: Schedule, *, layer: int = 1, distance: str = "cosine",
-          init: str = "spatial", expand: bool = True, merge: bool = True, sparse_eval: bool = False) -> nn.Module:
+          init: str = "spatial", expand: bool = True, merge: bool = True, sparse_eval: bool = False,
+          compat: str = "none") -> nn.Module:
     """Patch ``model`` in place so that block ``layer`` receives the ToE-selected tokens; returns it.
 
     Args:
@@ -90,15 +117,20 @@ def apply(model: nn.Module, schedule: Schedule, *, layer: int = 1, distance: str
         schedule: the stage schedule (r0, r1, ng, k, epochs).
         layer: index of the block whose input is reduced; 1 (after the first block) is the paper's
             default, 0 is right after the embedding (Table 8).
-        distance, init, expand, merge: see :func:`toe.ops.token_expansion`.
+        distance, init, expand, merge, compat: see :func:`toe.ops.token_expansion` (``compat="official"``
+            selects tokens as the authors' released code does).
         sparse_eval: also reduce tokens in eval mode (by default evaluation uses every token).
+
+    The hook starts at epoch 0 (stage 1); call :func:`set_epoch` every epoch.
+
+    torch.compile: apply before the first compiled call. Dynamo does not guard on module hooks by default
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a hook added or removed after a model was traced,
+    or a second compiled instance of the same class whose hooks differ (e.g. a compiled baseline next to a
+    compiled ToE model), may run a graph traced without ToE. Set that flag to False in such processes.
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a toe.Schedule, got {type(schedule).__name__}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    check_options(distance=distance, init=init, compat=compat)
     target = unwrap_model(model)
     blocks = getattr(target, "blocks", None)
     prefix = getattr(target, "num_prefix_tokens", None)
@@ -108,7 +140,7 @@ def apply(model: nn.Module, schedule: Schedule, *, layer: int = 1, distance: str
         raise ValueError(f"layer must be in [0, {len(blocks) - 1}] for a {len(blocks)}-block model, got {layer}")
     if _find_hook(target) is not None:
         raise RuntimeError("ToE is already applied to this model; call toe.remove(model) first")
-    hook = ToEHook(schedule, layer, int(prefix), distance, init, expand, merge, sparse_eval)
+    hook = ToEHook(schedule, layer, int(prefix), distance, init, expand, merge, sparse_eval, compat)
     blocks[layer].register_forward_pre_hook(hook)
     return model
 
@@ -124,10 +156,11 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def set_epoch(model: nn.Module, epoch: int) -> None:
-    """Set the 0-based epoch that selects the stage; call it at the start of every epoch."""
-    hook = _hook(model)
-    hook.schedule.stage(epoch)  # validates
-    hook.epoch = int(epoch)
+    """Set the 0-based epoch that selects the stage; call it at the start of every epoch.
+
+    Only a stage change touches what the forward reads, so a compiled model recompiles once per stage.
+    """
+    _hook(model).set_epoch(epoch)
 
 
 def is_applied(model: nn.Module) -> bool:
@@ -135,7 +168,7 @@ def is_applied(model: nn.Module) -> bool:
     return _find_hook(model) is not None
 
 
-def current_rates(model: nn.Module):
+def current_rates(model: nn.Module) -> list:
     """Cumulative keep rates [r0, ..., r_delta] of the current epoch's stage."""
     return list(_hook(model).rates)
 
