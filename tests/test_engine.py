@@ -258,3 +258,28 @@ def test_submitit_requeue_resumes_from_the_job_checkpoint(tmp_path, monkeypatch)
     assert argv[argv.index("--output_dir") + 1] == str(job_out)
     assert argv[argv.index("--resume") + 1] == str(job_out / "checkpoint.pth")
     assert argv[:4] == ["--model", "deit_tiny_patch16_224", "--epochs", "5"]
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_fused_and_foreach_adamw_step_like_the_loop(impl):
+    """--opt-impl: torch's fused / foreach AdamW kernels give the per-parameter loop's step (CPU supports all
+    three in torch >= 2.4); 'auto' picks fused on CUDA only."""
+    import builders
+
+    assert builders.optimizer_impl_kwargs("adamw", "auto", "cuda") == {"fused": True}
+    assert builders.optimizer_impl_kwargs("adamw", "auto", "cpu") == {}
+    assert builders.optimizer_impl_kwargs("lamb", "auto", "cuda") == {}
+    results = []
+    for kind in ("loop", impl):
+        model = _mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05,
+                                **builders.optimizer_impl_kwargs("adamw", kind, "cpu"))
+        for step in range(3):
+            torch.manual_seed(step)
+            model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for loop_param, fast_param in zip(*results):
+        torch.testing.assert_close(fast_param, loop_param, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(p, q) for p, q in zip(results[0], [p.detach() for p in _mlp().parameters()]))
