@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# One-GPU check of Token Expansion (issue 12): op and step benchmarks, short FAKE training runs (eager and
+# torch.compile, ToE on and off, fp16), torchrun with --dist-eval, and the data-loader benchmark.
+#
+#   bash benchmarks/gpu_check.sh                     # needs CUDA; sized for a few minutes on one GPU
+#   QUICK=1 bash benchmarks/gpu_check.sh             # DeiT-tiny only, fewer repetitions, smaller runs
+#   DATA=/imagenet bash benchmarks/gpu_check.sh      # also bench_data.py on that folder (<DATA>/train/...)
+#   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh  # every part on CPU with tiny sizes (tests the script)
+#
+# Settings (environment): OUT (default gpu_check_out) receives every log, summary.txt and summary.json;
+# WORKERS loader workers of the training runs (default min(10, cores)); NPROC torchrun processes (default:
+# the visible GPUs); PYTHON (default python). A failing part is reported and the others still run; the
+# exit code is 1 if any part failed, 2 for bad settings or no CUDA device.
+set -euo pipefail
+
+# The whole script is one function, read completely before it starts: editing this file while it runs
+# (a long GPU run) cannot change what the running copy does.
+main() {
+  ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  DEVICE="${DEVICE:-cuda}"
+  QUICK="${QUICK:-0}"
+  PYTHON="${PYTHON:-python}"
+  DATA="${DATA:-}"
+
+  die() { echo "gpu_check.sh: error: $*" >&2; exit 2; }
+
+  case "$DEVICE" in cuda|cpu) ;; *) die "DEVICE must be cuda or cpu, got '$DEVICE'" ;; esac
+  case "$QUICK" in 0|1) ;; *) die "QUICK must be 0 or 1, got '$QUICK'" ;; esac
+  if [[ "$DEVICE" == cuda ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
+      >/dev/null 2>&1; then
+    die "no CUDA device (torch.cuda.is_available() is False); set DEVICE=cpu to run every part on CPU with tiny sizes"
+  fi
+  if [[ -n "$DATA" && ! -d "$DATA/train" ]]; then
+    die "DATA=$DATA has no train/ folder (expected an ImageFolder root: DATA/train/<class>/<image>)"
+  fi
+
+  OUT="${OUT:-gpu_check_out}"
+  mkdir -p "$OUT"
+  OUT="$(cd "$OUT" && pwd)"
+  cd "$ROOT"
+  CORES="$("$PYTHON" -c 'import os; print(len(os.sched_getaffinity(0)))')"
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+  # ---- sizes ------------------------------------------------------------------------------------------------
+  if [[ "$DEVICE" == cuda ]]; then
+    MODELS=(deit_tiny_patch16_224:128 deit_small_patch16_224:128 deit_base_patch16_224:64)
+    TOE_ARGS=(--device cuda --amp --img-size 224 --reps 10 --warmup 3)
+    if (( QUICK )); then
+      MODELS=(deit_tiny_patch16_224:128)
+      TOE_ARGS=(--device cuda --amp --img-size 224 --reps 3 --warmup 1 --op-reps 5)
+    fi
+    WORKERS="${WORKERS:-$(( CORES < 10 ? CORES : 10 ))}"
+    NPROC="${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}"
+    FAKE=$(( QUICK ? 2560 : 10240 ))
+    TRAIN=(--model deit_tiny_patch16_224 --input-size 224 --batch-size 128 --amp fp16 --device cuda)
+    DATA_ARGS=(--input-size 224 --batch-size 128 --workers 1 2 "$WORKERS" --repeats $(( QUICK ? 2 : 3 )))
+  else
+    # tiny: bench_toe at 64 px (16 patches), training a 3-block ViT at 32 px, patch 4 (64 patches)
+    MODELS=(deit_tiny_patch16_224:4 deit_small_patch16_224:4 deit_base_patch16_224:4)
+    if (( QUICK )); then MODELS=(deit_tiny_patch16_224:4); fi
+    TOE_ARGS=(--device cpu --amp --threads 1 --img-size 64 --reps 1 --warmup 0 --op-reps 2)
+    WORKERS="${WORKERS:-0}"
+    NPROC="${NPROC:-1}"
+    FAKE=64
+    TRAIN=(--model deit_tiny_patch16_224 --input-size 32 --model-kwargs patch_size=4 depth=3 embed_dim=64
+           num_heads=2 --batch-size 16 --amp bf16 --device cpu)
+    DATA_ARGS=(--input-size 32 --batch-size 16 --workers 0 1 --repeats 1 --batches 2 --per-image 8
+               --prefetch-factors 2)
+  fi
+  TRAIN+=(--data-set FAKE --epochs 2 --fake-size "$FAKE" --num_workers "$WORKERS" --seed 0)
+  TOE=(--toe-r1 0.5 --toe-ng 2)
+
+  FAILED=()
+  # run_part NAME CMD...: CMD's stdout+stderr go to OUT/NAME.log; a failure is recorded, not fatal.
+  run_part() {
+    local name="$1"; shift
+    local start=$SECONDS
+    printf '[gpu_check] %-26s ' "$name"
+    if "$@" >"$OUT/$name.log" 2>&1; then
+      echo "ok ($(( SECONDS - start )) s)"
+    else
+      echo "FAILED (exit $?, $(( SECONDS - start )) s): see $OUT/$name.log"
+      FAILED+=("$name")
+    fi
+  }
+
+  echo "[gpu_check] device $DEVICE, quick $QUICK, $CORES cores, loader workers $WORKERS," \
+    "torchrun processes $NPROC -> $OUT"
+
+  # ---- 1. the op and the training step: practical vs theoretical speedup ----------------------------------
+  for entry in "${MODELS[@]}"; do
+    model="${entry%%:*}"; batch="${entry##*:}"
+    run_part "bench_toe_${model%%_patch*}" "$PYTHON" benchmarks/bench_toe.py --model "$model" --batch-size "$batch" \
+      "${TOE_ARGS[@]}" --json
+  done
+
+  # ---- 2. two epochs on FAKE data: eager / compiled, ToE on / off ---------------------------------------------
+  run_part train_eager_toe "$PYTHON" main.py "${TRAIN[@]}" "${TOE[@]}" --output_dir "$OUT/train_eager_toe"
+  run_part train_eager_full "$PYTHON" main.py "${TRAIN[@]}" --output_dir "$OUT/train_eager_full"
+  run_part train_compile_toe "$PYTHON" main.py "${TRAIN[@]}" "${TOE[@]}" --compile --output_dir "$OUT/train_compile_toe"
+  run_part train_compile_full "$PYTHON" main.py "${TRAIN[@]}" --compile --output_dir "$OUT/train_compile_full"
+
+  # ---- 3. the same ToE run under torchrun with exact distributed evaluation (nccl on CUDA) -----------------
+  run_part torchrun_toe "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" main.py \
+    "${TRAIN[@]}" "${TOE[@]}" --dist-eval --output_dir "$OUT/torchrun_toe"
+
+  # ---- 4. the loader: FAKE (what the runs above read) and DATA; sized for bench_toe's DeiT-tiny rates --------
+  # the img/s of bench_toe's DeiT-tiny steps (model only) are the rates the loader has to keep up with
+  "$PYTHON" - "$OUT/bench_toe_deit_tiny.log" >"$OUT/rates.txt" <<'PY' || true
+import json, sys
+rows = [line for line in open(sys.argv[1]) if line.startswith("{")]
+if rows:
+    r = json.loads(rows[-1])
+    print(f"DeiT-tiny full-token step={r['batch_size'] / r['baseline_step_s']:.1f}")
+    for s in r["stages"]:
+        print(f"ToE stage {s['stage']} of DeiT-tiny={r['batch_size'] / s['step_s']:.1f}")
+PY
+  mapfile -t RATES <"$OUT/rates.txt"
+  run_part bench_data_fake "$PYTHON" benchmarks/bench_data.py --fake-size 512 "${DATA_ARGS[@]}" \
+    --device "$DEVICE" --train-img-per-s "${RATES[@]}" --json
+  if [[ -n "$DATA" ]]; then
+    run_part bench_data_folder "$PYTHON" benchmarks/bench_data.py --data-path "$DATA" "${DATA_ARGS[@]}" \
+      --device "$DEVICE" --train-img-per-s "${RATES[@]}" --json
+  fi
+
+  # ---- summary ------------------------------------------------------------------------------------------------
+  WORKERS="$WORKERS" "$PYTHON" - "$OUT" "${FAILED[@]}" <<'PY' | tee "$OUT/summary.txt"
+import glob, json, os, re, sys
+
+out, failed = sys.argv[1], sys.argv[2:]
+summary = {"failed": failed, "bench_toe": {}, "train": {}, "bench_data": {}}
+
+
+def last_json(path):
+    try:
+        rows = [line for line in open(path) if line.startswith("{")]
+    except OSError:
+        return None
+    return json.loads(rows[-1]) if rows else None
+
+
+print("\n==== gpu_check summary ====")
+for path in sorted(glob.glob(os.path.join(out, "bench_toe_*.log"))):
+    r = last_json(path)
+    if r is None:
+        continue
+    share = max((op["share_of_step"] for op in r["op"]), default=0.0)
+    stage1 = r["stages"][0]
+    print(f"{r['model']} batch {r['batch_size']}: practical {r['practical_speedup']:.3f}x vs theoretical "
+          f"{r['theoretical_speedup']:.3f}x (ratio {r['ratio']:.3f}); op {100 * share:.2f}% of a step; "
+          f"full-token {r['batch_size'] / r['baseline_step_s']:.0f} img/s, stage 1 "
+          f"{r['batch_size'] / stage1['step_s']:.0f} img/s")
+    summary["bench_toe"][r["model"]] = {k: r[k] for k in ("practical_speedup", "theoretical_speedup", "ratio")}
+    summary["bench_toe"][r["model"]].update(op_share=share, baseline_img_per_s=r["batch_size"] / r["baseline_step_s"])
+
+for name in ("train_eager_toe", "train_eager_full", "train_compile_toe", "train_compile_full", "torchrun_toe"):
+    log = os.path.join(out, name, "log.txt")
+    if not os.path.isfile(log):
+        continue
+    rows = [json.loads(line) for line in open(log) if line.strip()]
+    summary["train"][name] = rows
+    epochs = "; ".join(f"epoch {row.get('epoch')}: {row.get('train_img_per_s', float('nan')):.0f} img/s, "
+                       f"{row.get('epoch_time', float('nan')):.1f} s, keep rate {row.get('toe_keep_rate', 1.0):g}"
+                       for row in rows)
+    print(f"{name:<20} {epochs}")
+if any(name.startswith("train_compile") for name in summary["train"]):
+    print("(the epoch times of --compile runs include compiling: one graph per ToE stage, and eval)")
+
+log = os.path.join(out, "torchrun_toe.log")
+text = open(log).read() if os.path.isfile(log) else ""
+found = re.search(r"\b(nccl|gloo)\b", text)
+backend = found.group(1) if found else "none (world size 1: main.py starts no process group)"
+summary["torchrun_backend"] = backend
+print(f"torchrun process group backend: {backend}")
+
+fake = last_json(os.path.join(out, "bench_data_fake.log"))
+workers = int(os.environ["WORKERS"])
+bound = next((row["img_per_s"] for row in (fake or {}).get("loader", []) if row["workers"] == workers), None)
+if bound is not None:
+    slow = [name for name, rows in summary["train"].items()
+            if rows and max(row.get("train_img_per_s", 0.0) for row in rows) >= 0.8 * bound]
+    summary["fake_loader_img_per_s"] = bound
+    print(f"the FAKE loader delivers {bound:.0f} img/s with {workers} workers; runs within 80% of that are "
+          f"loader-bound (ToE cannot speed them up): {', '.join(slow) if slow else 'none'}")
+
+for path in sorted(glob.glob(os.path.join(out, "bench_data_*.log"))):
+    r = last_json(path)
+    if r is None:
+        continue
+    summary["bench_data"][os.path.basename(path)[:-4]] = r
+    rows = ", ".join(f"{row['workers']} workers {row['img_per_s']:.0f}" for row in r["loader"])
+    print(f"loader on {r['data']} at {r['input_size']} px: {rows} img/s")
+    for need in r["needs"]:
+        print(f"  {need['label']} at {need['train_img_per_s']:g} img/s needs >= {need['workers']} workers")
+
+print(f"failed parts: {', '.join(failed) if failed else 'none'}")
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f)
+PY
+
+  (( ${#FAILED[@]} == 0 ))
+}
+
+main "$@"
