@@ -108,6 +108,8 @@ def test_fake_is_learnable_by_tiny_vit_with_deit_augmentation():
     import timm
 
     torch.manual_seed(0)
+    random.seed(0)  # RandAugment draws its ops from numpy and its magnitudes from python's random
+    np.random.seed(0)
     a = ns(data_set="FAKE", input_size=32, fake_size=320, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
     tr, nb = build_dataset(True, a)
     va, _ = build_dataset(False, a)
@@ -125,7 +127,8 @@ def test_fake_is_learnable_by_tiny_vit_with_deit_augmentation():
     model.eval()
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(va, batch_size=96))
-    assert correct / len(va) > 0.35  # chance is 0.1; 0.55-0.70 over seeds 0-2
+    # chance is 0.1 (a class-mean classifier on raw pixels gets > 0.9); this seeded run measures 0.78
+    assert correct / len(va) > 0.65
 
 
 # ------------------------------------------------------------------------------------------ transforms

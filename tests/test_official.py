@@ -19,7 +19,7 @@ import torch
 import toe
 
 M, SIDE, C, B, P = 196, 14, 6, 2, 1
-REFERENCE_DIR = Path("/work/shared/reference")
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def make_tokens(seed: int = 20240) -> torch.Tensor:

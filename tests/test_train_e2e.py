@@ -46,7 +46,7 @@ def test_e2e_toe_schedule_checkpoints_and_eval(e2e_run):
     assert g[0] < g[1] < g[2], g
     assert rows[0]["n_parameters"] == 158090
     # training learns the synthetic classes (10 classes: chance is 10%)
-    assert rows[-1]["test_acc1"] > 30.0, rows[-1]
+    assert rows[-1]["test_acc1"] > 70.0, rows[-1]  # measured 84.4 (seed 7); chance is 10
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
     ckpt = _load(out / "checkpoint.pth")
@@ -256,15 +256,15 @@ def test_real_images_learn_with_toe(tmp_path, real_image_set):
     data = real_image_set
     out = tmp_path / "inet"
     args = [a if a != "1e-3" else "2e-3" for a in TINY] + [
-        "--data-set", "FOLDER", "--data-path", str(data), "--batch-size", "50", "--epochs", "6",
+        "--data-set", "FOLDER", "--data-path", str(data), "--batch-size", "50", "--epochs", "2",
         "--toe-r1", "0.5", "--toe-ng", "2", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
         "--no-repeated-aug", "--no-model-ema", "--output_dir", str(out)]
     proc = run_main(args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read_log(out / "log.txt")
-    assert [r["toe_keep_rate"] for r in rows] == [0.5] * 3 + [1.0] * 3
-    assert [r["toe_tokens"] for r in rows] == [32] * 3 + [64] * 3
+    assert [r["toe_keep_rate"] for r in rows] == [0.5, 1.0]
+    assert [r["toe_tokens"] for r in rows] == [32, 64]
     assert rows[0]["test_images"] == 300
-    # chance is 10%; this setting reaches about 29% after 6 epochs (22% after the first)
-    assert max(r["test_acc1"] for r in rows) > 20.0, [r["test_acc1"] for r in rows]
+    # chance is 10% (sd 1.7 points over 300 images); measured 21.3 and 20.7 after epochs 1 and 2
+    assert max(r["test_acc1"] for r in rows) > 17.0, [r["test_acc1"] for r in rows]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
