@@ -77,8 +77,10 @@ def start(use_cuda: bool, init_method: str, legacy_local_rank: Optional[int] = N
     """Join the process group the launcher announced (nccl on CUDA, gloo on CPU); silence stdout on
     every rank but 0 so logs are printed once."""
     rank, world, local_rank = launcher_placement(legacy_local_rank)
-    if world <= 1:
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if world <= 1 and not launched:
         return Placement(0, 1, local_rank, "none")
+    # a launcher's world of one still joins a group, so `torchrun --nproc_per_node 1` tests the backend
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
