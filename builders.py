@@ -2,9 +2,25 @@
 criterion and teacher. Nothing here reads argparse."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+import ast
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 from errors import UsageError
+
+
+def parse_key_values(items: Iterable[str], flag: str = "--model-kwargs") -> Dict[str, Any]:
+    """['depth=6', 'global_pool=avg'] -> {'depth': 6, 'global_pool': 'avg'}: Python literals where they
+    parse, plain strings otherwise. ValueError naming ``flag`` for an item without '='."""
+    parsed: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE pairs, got {item!r}")
+        try:
+            parsed[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            parsed[key] = text
+    return parsed
 
 
 def model_kwargs(extra: Optional[Mapping[str, Any]], patch_size: Optional[int] = None) -> Dict[str, Any]:

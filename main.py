@@ -11,28 +11,13 @@ line naming the epoch, the iteration and the checkpoint to resume from, exit 3.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
+from builders import parse_key_values
 from errors import EXIT_NONFINITE, EXIT_USAGE, UsageError
 
 __all__ = ["main", "get_args_parser", "parse_key_values", "EXIT_USAGE", "EXIT_NONFINITE"]
-
-
-def parse_key_values(items: Iterable[str], flag: str = "--model-kwargs") -> Dict[str, Any]:
-    """['depth=6', 'global_pool=avg'] -> {'depth': 6, 'global_pool': 'avg'}: Python literals where they
-    parse, plain strings otherwise. ValueError naming ``flag`` for an item without '='."""
-    parsed: Dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} expects KEY=VALUE pairs, got {item!r}")
-        try:
-            parsed[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            parsed[key] = text
-    return parsed
 
 
 class _Parser(argparse.ArgumentParser):

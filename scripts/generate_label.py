@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
 import os
 import sys
@@ -49,18 +48,13 @@ class UsageError(Exception):
 
 
 def model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    """``["img_size=32", "global_pool=avg"]`` -> {"img_size": 32, "global_pool": "avg"}: each value is read
-    as a Python literal, and kept as text when it is not one. UsageError for an item without '='."""
-    kwargs: Dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            kwargs[key] = text
-    return kwargs
+    """--model-kwargs items -> timm.create_model keyword arguments (builders.parse_key_values)."""
+    from builders import parse_key_values
+
+    try:
+        return parse_key_values(items)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
