@@ -50,7 +50,8 @@ def _check_toe_flags(args: argparse.Namespace) -> None:
     from config import _TOE_FLAG_DEFAULTS, build_schedule
 
     if args.toe_r1 is None:
-        given = [_flag(dest) for dest, default in _TOE_FLAG_DEFAULTS.items() if getattr(args, dest) != default]
+        defaults = {**_TOE_FLAG_DEFAULTS, "toe_dense_loss": "merged"}
+        given = [_flag(dest) for dest, default in defaults.items() if getattr(args, dest) != default]
         if given:
             raise UsageError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --toe-r1 "
                              f"(ToE is off)")
