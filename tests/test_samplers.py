@@ -121,4 +121,121 @@ def test_defaults_follow_torch_distributed(monkeypatch):
     assert (ev.num_replicas, ev.rank, list(ev)) == (4, 2, [2, 6])
     ra = RASampler(range(10))
     assert (ra.num_replicas, ra.rank, len(ra)) == (4, 2, 3)
-    assert torch.distributed.is_available()
+
+
+# ------------------------------------------------------------------ against a naive reference of RA
+def _stream(ranks):
+    """Rebuild the global index stream from per-rank lists: rank r's j-th index sits at position j * W + r."""
+    world = len(ranks)
+    stream = [None] * (len(ranks[0]) * world)
+    for r, idx in enumerate(ranks):
+        for j, i in enumerate(idx):
+            stream[j * world + r] = i
+    return stream
+
+
+def _blocks(stream, repeats):
+    """The images of a repeated-augmentation stream: it must be [a0]*R + [a1]*R + ... (the last block may be
+    cut off by the epoch's end); returns [a0, a1, ...]."""
+    images = stream[::repeats]
+    naive = [a for a in images for _ in range(repeats)][:len(stream)]
+    assert stream == naive, "the stream is not each image written num_repeats times in a row"
+    return images
+
+
+@pytest.mark.parametrize("n, world, repeats", [(100, 4, 3), (37, 8, 3), (90, 3, 3), (64, 4, 2), (50, 5, 1),
+                                               (30, 2, 4)])
+def test_ra_matches_naive_repeated_augmentation(n, world, repeats):
+    """Per epoch: the ranks' shards are disjoint slices (rank r: positions r, r+W, ...) of one stream in which
+    every image is written R times in a row; distinct images within an epoch; over a cycle of R epochs the
+    images are consecutive windows of one permutation of all N, wrapping around."""
+    per_rank = math.ceil(n / world)
+    for cycle in range(2):
+        seq = []
+        for epoch in range(cycle * repeats, cycle * repeats + repeats):
+            ranks = ra_epoch(n, world, repeats, epoch=epoch, seed=3)
+            images = _blocks(_stream(ranks), repeats)
+            assert len(images) == math.ceil(per_rank * world / repeats)
+            assert len(set(images)) == len(images)  # an epoch never uses an image in two blocks
+            # each used image appears `repeats` times over the ranks, the cut-off last one fewer
+            counts = Counter(i for r in ranks for i in r)
+            assert [counts[a] for a in images[:-1]] == [repeats] * (len(images) - 1)
+            assert 1 <= counts[images[-1]] <= repeats
+            seq += images
+        # the cycle's R windows continue one permutation of range(N), wrapping around after N
+        assert sorted(seq[:n]) == list(range(n))
+        assert all(seq[k] == seq[k - n] for k in range(n, len(seq)))
+
+
+def test_ra_depends_only_on_seed_and_epoch_not_on_global_rng():
+    def draw(seed, epoch):
+        s = RASampler(range(50), num_replicas=2, rank=1, num_repeats=3, seed=seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    torch.manual_seed(0)
+    a = draw(5, 4)
+    torch.manual_seed(123)
+    torch.rand(10)
+    assert draw(5, 4) == a  # the global generator plays no part (ranks must agree without sharing it)
+    assert draw(5, 3) != a and draw(6, 4) != a
+    # epochs of one cycle share the permutation, the next cycle draws a new one
+    assert _blocks(_stream(ra_epoch(50, 2, 3, epoch=3, seed=5)), 3)[:3] != \
+        _blocks(_stream(ra_epoch(50, 2, 3, epoch=0, seed=5)), 3)[:3]
+
+
+def test_ra_copies_of_an_image_meet_in_one_step_on_different_ranks():
+    """With R <= W and a batch size B, the R copies of an image land in the same step (or the next) of R
+    different ranks: the point of repeated augmentation is one image seen several ways per update."""
+    world, repeats, batch = 4, 2, 5
+    ranks = [list(DataLoader(range(80), batch_size=batch, sampler=RASampler(range(80), num_replicas=world, rank=r,
+                                                                            num_repeats=repeats, seed=1)))
+             for r in range(world)]
+    where = {}
+    for r, batches in enumerate(ranks):
+        for step, b in enumerate(batches):
+            for i in b.tolist():
+                where.setdefault(i, []).append((r, step))
+    for i, places in where.items():
+        assert len(places) == repeats
+        assert len({r for r, _ in places}) == repeats
+        assert max(s for _, s in places) - min(s for _, s in places) <= 1
+
+
+def test_eval_sampler_shards_give_the_single_process_metrics():
+    """Evaluating each rank's shard and summing counts gives the one-process numbers (nothing padded or lost)."""
+    import engine
+
+    torch.manual_seed(0)
+    n, world = 23, 3
+    x, y = torch.randn(n, 3, 4, 4), torch.randint(0, 6, (n,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 6))
+    data = torch.utils.data.TensorDataset(x, y)
+    hits = loss = count = 0.0
+    for r in range(world):
+        sampler = DistributedEvalSampler(data, num_replicas=world, rank=r)
+        res = engine.evaluate(DataLoader(data, batch_size=4, sampler=sampler), model, torch.device("cpu"))
+        hits += res["acc1"] * res["n"] / 100
+        loss += res["loss"] * res["n"]
+        count += res["n"]
+    with torch.no_grad():
+        logits = model(x)
+    assert count == n
+    assert round(hits) == int((logits.argmax(1) == y).sum())
+    assert loss / n == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_samplers_read_a_real_process_group(tmp_path):
+    """Inside an initialised (one-process gloo) group the defaults come from torch.distributed, and a rank
+    outside that world is refused."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ev, ra = DistributedEvalSampler(range(7)), RASampler(range(7), num_repeats=1, shuffle=False)
+        assert (ev.num_replicas, ev.rank, list(ev)) == (1, 0, list(range(7)))
+        assert (ra.num_replicas, ra.rank, list(ra)) == (1, 0, list(range(7)))
+        with pytest.raises(ValueError, match="rank"):
+            DistributedEvalSampler(range(7), rank=1)
+    finally:
+        dist.destroy_process_group()
