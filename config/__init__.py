@@ -187,6 +187,8 @@ def build_schedule(args: argparse.Namespace):
     if args.toe_r1 is None:
         return None
     epochs = args.toe_epochs if args.toe_epochs is not None else args.epochs
+    if args.toe_r1 >= 1.0:  # ToE is off: a short run need not fit ng stages
+        epochs = max(epochs, args.toe_ng)
     try:
         return toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0, epochs=epochs,
                             stage_epochs=_stage_epochs(args.toe_stage_epochs))

@@ -26,7 +26,12 @@ for _v in EPOCHS FAKE_SIZE BATCH; do
 done
 TOE_EPOCHS=$(( EPOCHS < 3 ? 3 : EPOCHS ))  # the schedule needs at least one epoch per stage (ng = 3)
 
-HAS_GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+DRY_RUN=${DRY_RUN:-0}
+if [ "$DRY_RUN" = 1 ]; then
+    HAS_GPU=0  # DRY_RUN=1 prints the two commands (CPU unless DEVICE is set) and runs nothing
+else
+    HAS_GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+fi
 DEVICE=${DEVICE:-$([ "$HAS_GPU" = 1 ] && echo cuda || echo cpu)}
 # on a CPU, loader worker processes only compete with the model for the cores
 WORKERS=${WORKERS:-$([ "$DEVICE" = cuda ] && echo 4 || echo 0)}
@@ -46,12 +51,20 @@ COMMON=(--model deit_tiny_patch16_224 --input-size 32 --patch-size 4 --batch-siz
         --mixup 0 --cutmix 0 --aa none --reprob 0 --smoothing 0.1 --no-model-ema
         --num_workers "$WORKERS" --device "$DEVICE" --seed 0 --print-freq 4 --resume none)
 
+BASELINE=($PY main.py "${COMMON[@]}" "${DATASET[@]}" --output_dir "$OUT/baseline")
+WITH_TOE=($PY main.py "${COMMON[@]}" "${DATASET[@]}" --toe-r1 0.5 --toe-ng 3 --toe-k 2 --toe-epochs "$TOE_EPOCHS"
+          --output_dir "$OUT/toe")
+if [ "$DRY_RUN" = 1 ]; then
+    printf '%q ' "${BASELINE[@]}"; echo
+    printf '%q ' "${WITH_TOE[@]}"; echo
+    exit 0
+fi
+
 echo "== quickstart: DeiT-tiny 32px/patch 4, $EPOCHS epochs on ${DATASET[1]}, device $DEVICE"
 echo "== [1/2] baseline (all tokens) -> $OUT/baseline"
-$PY main.py "${COMMON[@]}" "${DATASET[@]}" --output_dir "$OUT/baseline"
+"${BASELINE[@]}"
 echo "== [2/2] ToE r1=0.5 ng=3 k=2 -> $OUT/toe"
-$PY main.py "${COMMON[@]}" "${DATASET[@]}" --toe-r1 0.5 --toe-ng 3 --toe-k 2 \
-    --toe-epochs "$TOE_EPOCHS" --output_dir "$OUT/toe"
+"${WITH_TOE[@]}"
 
 $PY - "$OUT" <<'EOF'
 import sys
