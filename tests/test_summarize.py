@@ -388,3 +388,25 @@ def test_bad_input(tmp_path):
     (tmp_path / "run" / "log.txt").write_text(json.dumps({"epoch": 0, "test_acc1": 1.0}) + "\n")
     res = run(str(tmp_path))
     assert res.returncode == 2 and "no readable run" in res.stderr.splitlines()[-1]
+
+
+def test_table4_runs_fill_their_cells_next_to_the_paper(summarize, tmp_path, capsys):
+    """Table 4 (EfficientTrain + ToE): the script's six commands fill the six cells, each with its own run."""
+    commands = dry_commands("table4_efficienttrain")
+    acc: Dict[str, float] = {}
+    for cmd in commands:
+        run = os.path.relpath(cmd["argv"][cmd["argv"].index("--output_dir") + 1], "/runs")
+        acc[run] = 70.0 + 0.5 * len(acc)
+        script_run(tmp_path, commands, run, [acc[run] - 5, acc[run]])
+    assert len(acc) == 6
+    js = tmp_path / "cells.json"
+    res = run_cli(summarize, [tmp_path, "--tables", "4", "--no-flops", "--json", js], capsys)
+    assert "Your runs" not in res["out"]
+    cells = _cells(js)["4"]
+    filled = {run for cell in cells.values() for run in cell["runs"]}
+    assert filled == {str(tmp_path / run) for run in acc}
+    for cell in cells.values():
+        (run,) = cell["runs"]
+        assert math.isclose(cell["top1"], acc[os.path.relpath(run, tmp_path)])
+    # the paper's printed top-1 stands in the row of the EfficientTrain + ToE DeiT-tiny run
+    assert "73.5 (+1.0)" in _line(res["out"], "DeiT-tiny   EfficientTrain + ToE r1=0.6")
