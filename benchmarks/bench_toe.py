@@ -184,49 +184,23 @@ def report_compiled(med: Dict[str, float], times: Dict[str, List[float]], theory
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    global CLOCK
-    args = parse_args(argv)
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    try:
-        schedule = toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0, epochs=args.epochs)
-        plain = create_model(args.model, img_size=args.img_size)
-        if not (0 <= args.toe_layer < len(plain.blocks)):
-            raise ValueError(f"--toe-layer must be in [0, {len(plain.blocks) - 1}], got {args.toe_layer}")
-    except ValueError as err:
-        print(f"bench_toe.py: error: {err}", file=sys.stderr)
-        return 2
-
-    theory = gflops_per_iteration(plain, schedule, layer=args.toe_layer, batch_size=args.batch_size,
-                                  img_size=args.img_size)
+def _models(args: argparse.Namespace, schedule: "toe.Schedule", plain: torch.nn.Module, device: torch.device):
+    """Fresh copies of the same weights: the baseline, the ToE-patched model, and their compiled twins."""
     plain = plain.to(device).train()
-    # All timed models are fresh copies of the same weights, made the same way.
     patched = toe.apply(copy.deepcopy(plain), schedule, layer=args.toe_layer).train()
+    compiled = None
     if args.compile:
         # Dynamo skips guards on module hooks by default, so the patched model (same class as the baseline)
         # would silently run the baseline's graph, without ToE. Guarding on hooks tells the two apart.
         torch._dynamo.config.skip_nnmodule_hook_guards = False
-        compiled_patched = torch.compile(toe.apply(copy.deepcopy(plain), schedule, layer=args.toe_layer).train(),
-                                         backend=args.compile_backend)
-        compiled_plain = torch.compile(copy.deepcopy(plain), backend=args.compile_backend)
-    plain = copy.deepcopy(plain)
-    num_classes = getattr(plain, "num_classes", 1000)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, num_classes, (args.batch_size,), device=device)
+        compiled = (torch.compile(copy.deepcopy(plain), backend=args.compile_backend),
+                    torch.compile(toe.apply(copy.deepcopy(plain), schedule, layer=args.toe_layer).train(),
+                                  backend=args.compile_backend))
+    return copy.deepcopy(plain), patched, compiled
 
-    print(f"model {args.model}  batch {args.batch_size}  img {args.img_size}  device {device}  "
-          f"threads {torch.get_num_threads()}  amp {args.amp}  clock {args.clock}  torch {torch.__version__}")
-    print(f"ToE r1={schedule.r1:g} r0={schedule.r0:g} ng={schedule.ng} k={schedule.k} layer={args.toe_layer}; "
-          f"stage lengths {list(schedule.stage_lengths())} epochs")
-    if args.compile:
-        print(f"torch.compile backend {args.compile_backend}: compiled configurations are timed interleaved with "
-              f"the eager ones; compilation happens in the untimed warmup")
 
-    # ---- training steps: baseline and every stage, interleaved ------------------------------------------
+def _step_configs(args, schedule, plain, patched, compiled, images, labels) -> Dict[str, Callable[[], None]]:
+    """One training-step callable per timed configuration: baseline, every stage (and compiled twins)."""
     starts = [sum(schedule.stage_lengths()[:i]) for i in range(schedule.ng)]
     configs: Dict[str, Callable[[], None]] = {"baseline": make_step(plain, images, labels, args.amp)}
     patched_step = make_step(patched, images, labels, args.amp)
@@ -235,8 +209,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             toe.set_epoch(patched, start)
             patched_step()
         configs[f"stage {s}"] = run
-    if args.compile:
-        configs.update(compiled_configs(compiled_plain, compiled_patched, starts, images, labels, args.amp))
+    if compiled is not None:
+        configs.update(compiled_configs(compiled[0], compiled[1], starts, images, labels, args.amp))
+    return configs
+
+
+def _time_configs(args, configs: Dict[str, Callable[[], None]], device: torch.device):
+    """Interleaved, order-rotated timing of every configuration. Returns (times, graphs compiled in warmup,
+    graphs compiled during the timed reps)."""
     times: Dict[str, List[float]] = {name: [] for name in configs}
     names = list(configs)
     for warm in range(max(args.warmup, 1 if args.compile else 0)):
@@ -252,14 +232,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             times[name].append(_timed(configs[name], device))
         print(f"rep {rep + 1}/{args.reps}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names),
               file=sys.stderr, flush=True)
-    med = {name: statistics.median(v) for name, v in times.items()}
     graphs_in_reps = _unique_graphs() - graphs_after_warmup if args.compile else 0
+    return times, graphs_after_warmup, graphs_in_reps
 
-    # ---- the op alone, on the real block-`layer` input ----------------------------------------------------
+
+def _measure_op(args, schedule, plain, images, med: Dict[str, float], device: torch.device):
+    """The op alone on the real block-`layer` input, per reducing stage. Returns (input, rows)."""
     x = block_input(plain, images, args.toe_layer, args.amp)
     prefix = int(plain.num_prefix_tokens)
     op_rows = []
-    for s, start in enumerate(starts, 1):
+    for s in range(1, schedule.ng + 1):
         rates = schedule.rates(s)
         if rates[-1] >= 1.0:
             continue
@@ -285,18 +267,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for _ in range(10):
                     op_forward_backward()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return x, op_rows
 
-    # ---- report -----------------------------------------------------------------------------------------
-    print(f"\nop toe.token_expansion on the block-{args.toe_layer} input {list(x.shape)} {x.dtype} "
-          f"(median of {args.op_reps}):")
-    for row in op_rows:
-        print(f"  stage {row['stage']} rates {row['rates']}: forward {row['forward_s'] * 1e3:.2f} ms, "
-              f"forward+backward {row['forward_backward_s'] * 1e3:.2f} ms = "
-              f"{100 * row['share_of_step']:.2f}% of the stage's training step")
-    worst_share = max((r["share_of_step"] for r in op_rows), default=0.0)
 
+def _report_steps(args, theory, times, med, lengths) -> List[Dict[str, Any]]:
     base = med["baseline"]
-    lengths = list(schedule.stage_lengths())
     print(f"\ntraining step (forward + backward + AdamW), median of {args.reps} interleaved reps "
           f"(warmup {args.warmup}, {args.settle} untimed step(s) of the same configuration before each):")
     print(f"  {'':<10} {'tokens':>6} {'step ms':>9} {'min ms':>9} {'speedup':>8} {'theory':>7}")
@@ -310,8 +285,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "speedup": base / t, "theoretical": th})
         print(f"  {f'stage {s}':<10} {st['tokens']:>6} {t * 1e3:>9.1f} {min(times[f'stage {s}']) * 1e3:>9.1f} "
               f"{base / t:>7.3f}x {th:>6.3f}x")
-    compiled_summary = (report_compiled(med, times, theory, lengths, args.compile_backend, graphs_after_warmup,
-                                        graphs_in_reps) if args.compile else None)
+    return stage_rows
+
+
+def _report_speedup(args, theory, times, med, lengths, worst_share: float) -> Dict[str, float]:
+    base = med["baseline"]
     mean_step = sum(L * med[f"stage {s}"] for s, L in enumerate(lengths, 1)) / sum(lengths)
     practical = base / mean_step
     ratio = practical / theory["speedup"]
@@ -330,15 +308,65 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"targets: op < 1% of a step: {'met' if worst_share < 0.01 else 'NOT met'} "
           f"({100 * worst_share:.2f}%); practical >= 0.97 x theoretical: {'met' if ratio >= 0.97 else 'NOT met'} "
           f"({ratio:.3f})")
+    return {"practical_speedup": practical, "practical_speedup_paired": paired,
+            "practical_speedup_min": practical_min, "ratio": ratio}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    global CLOCK
+    args = parse_args(argv)
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    try:
+        schedule = toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0, epochs=args.epochs)
+        plain = create_model(args.model, img_size=args.img_size)
+        if not (0 <= args.toe_layer < len(plain.blocks)):
+            raise ValueError(f"--toe-layer must be in [0, {len(plain.blocks) - 1}], got {args.toe_layer}")
+    except ValueError as err:
+        print(f"bench_toe.py: error: {err}", file=sys.stderr)
+        return 2
+
+    theory = gflops_per_iteration(plain, schedule, layer=args.toe_layer, batch_size=args.batch_size,
+                                  img_size=args.img_size)
+    plain, patched, compiled = _models(args, schedule, plain, device)
+    num_classes = getattr(plain, "num_classes", 1000)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+    print(f"model {args.model}  batch {args.batch_size}  img {args.img_size}  device {device}  "
+          f"threads {torch.get_num_threads()}  amp {args.amp}  clock {args.clock}  torch {torch.__version__}")
+    print(f"ToE r1={schedule.r1:g} r0={schedule.r0:g} ng={schedule.ng} k={schedule.k} layer={args.toe_layer}; "
+          f"stage lengths {list(schedule.stage_lengths())} epochs")
+    if args.compile:
+        print(f"torch.compile backend {args.compile_backend}: compiled configurations are timed interleaved with "
+              f"the eager ones; compilation happens in the untimed warmup")
+
+    configs = _step_configs(args, schedule, plain, patched, compiled, images, labels)
+    times, graphs_after_warmup, graphs_in_reps = _time_configs(args, configs, device)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    x, op_rows = _measure_op(args, schedule, plain, images, med, device)
+
+    print(f"\nop toe.token_expansion on the block-{args.toe_layer} input {list(x.shape)} {x.dtype} "
+          f"(median of {args.op_reps}):")
+    for row in op_rows:
+        print(f"  stage {row['stage']} rates {row['rates']}: forward {row['forward_s'] * 1e3:.2f} ms, "
+              f"forward+backward {row['forward_backward_s'] * 1e3:.2f} ms = "
+              f"{100 * row['share_of_step']:.2f}% of the stage's training step")
+    worst_share = max((r["share_of_step"] for r in op_rows), default=0.0)
+    lengths = list(schedule.stage_lengths())
+    stage_rows = _report_steps(args, theory, times, med, lengths)
+    compiled_summary = (report_compiled(med, times, theory, lengths, args.compile_backend, graphs_after_warmup,
+                                        graphs_in_reps) if args.compile else None)
+    speed = _report_speedup(args, theory, times, med, lengths, worst_share)
     if args.json:
         print(json.dumps({"model": args.model, "batch_size": args.batch_size, "img_size": args.img_size,
                           "device": str(device), "threads": torch.get_num_threads(), "amp": args.amp,
-                          "clock": args.clock,
-                          "baseline_step_s": base, "stages": stage_rows, "op": op_rows,
-                          "practical_speedup": practical, "practical_speedup_paired": paired,
-                          "practical_speedup_min": practical_min,
-                          "theoretical_speedup": theory["speedup"],
-                          "ratio": ratio, "times_s": times, "compiled": compiled_summary}))
+                          "clock": args.clock, "baseline_step_s": med["baseline"], "stages": stage_rows,
+                          "op": op_rows, **speed, "theoretical_speedup": theory["speedup"], "times_s": times,
+                          "compiled": compiled_summary}))
     return 0
 
 
