@@ -134,6 +134,10 @@ def _add_augmentation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--curriculum-table", default=None, metavar="E:SIZE:M,...",
                    help="custom curriculum: start epoch, train size and RandAugment magnitude of each phase, "
                         "e.g. 0:160:1,60:160:3,120:160:5,180:192:7,240:224:9")
+    g.add_argument("--curriculum-batch-scale", action="store_true",
+                   help="in smaller-input phases, multiply the micro-batch by (final/phase size)^2 (rounded, a "
+                        "divisor of --grad-accum-steps) and divide the accumulation steps by the same factor: "
+                        "same global batch, fewer and fuller steps (EfficientTrain's 2x at 160 px)")
 
 
 def _add_mixup(parser: argparse.ArgumentParser) -> None:

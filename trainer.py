@@ -161,6 +161,17 @@ class Trainer:
         return aug.with_train_stage(curriculum.input_size(epoch),
                                     datasets.aa_with_magnitude(aug.aa, curriculum.magnitude(epoch)))
 
+    def _batch_scale(self, epoch: int) -> int:
+        """--curriculum-batch-scale: the factor f by which a low-resolution phase's micro-batch grows while
+        --grad-accum-steps shrinks by f (the global batch is unchanged). f is (final size / phase size)^2
+        rounded, as a phase's memory per image scales with its token count, and must divide the
+        accumulation steps (it is lowered to the largest divisor that fits). 1 without the option."""
+        if not self.cfg.run.curriculum_batch_scale or self.cfg.curriculum is None:
+            return 1
+        ratio = round((self.cfg.model.input_size / self.cfg.curriculum.input_size(epoch)) ** 2)
+        accum = self.cfg.run.grad_accum_steps
+        return max(f for f in range(1, accum + 1) if accum % f == 0 and f <= max(ratio, 1))
+
     def _make_train_loader(self, epoch: int) -> None:
         """(Re)build the training loader; with a curriculum only when ``epoch`` starts a new phase."""
         phase = self.cfg.curriculum.phase(epoch) if self.cfg.curriculum is not None else 0
@@ -172,7 +183,8 @@ class Trainer:
                                                        self.cfg.run.seed)
         self.loader_phase = phase
         self.train_loader = torch.utils.data.DataLoader(
-            self.train_set, sampler=self.sampler, batch_size=self.cfg.data.batch_size, drop_last=True,
+            self.train_set, sampler=self.sampler, batch_size=self.cfg.data.batch_size * self._batch_scale(epoch),
+            drop_last=True,
             worker_init_fn=utils.seed_worker, generator=self.loader_generator, **self._loader_options())
 
     # ------------------------------------------------------------------------------------------- resume
@@ -293,7 +305,8 @@ class Trainer:
                 stats = engine.train_one_epoch(
                     self.model, self.criterion, self.train_loader, self.optimizer, self.device, epoch,
                     amp_dtype=self.amp_dtype, scaler=self.scaler, max_norm=cfg.optim.clip_grad,
-                    model_ema=self.model_ema, mixup_fn=self.mixup_fn, grad_accum_steps=cfg.run.grad_accum_steps,
+                    model_ema=self.model_ema, mixup_fn=self.mixup_fn,
+                    grad_accum_steps=cfg.run.grad_accum_steps // self._batch_scale(epoch),
                     set_training_mode=cfg.run.train_mode, print_freq=cfg.run.print_freq,
                     ema_source=self.plain_model)
             except engine.NonFiniteLossError as e:
@@ -371,6 +384,8 @@ class Trainer:
         }
         if cfg.curriculum is not None:
             row["aa_magnitude"] = cfg.curriculum.magnitude(epoch)
+            row["micro_batch"] = cfg.data.batch_size * self._batch_scale(epoch)
+            row["grad_accum_steps"] = cfg.run.grad_accum_steps // self._batch_scale(epoch)
         return row
 
     def _record(self, epoch: int, row: Dict[str, Any], is_best: bool) -> None:

@@ -141,6 +141,7 @@ class RunConfig:
     amp: str  # resolved: bf16 | fp16 | none
     print_freq: int
     grad_accum_steps: int
+    curriculum_batch_scale: bool
     train_mode: bool
     dist_url: str
     local_rank: Optional[int]
@@ -314,7 +315,8 @@ def _resolve(args: argparse.Namespace) -> Config:
                                        args.toe_dense_loss)
     run = RunConfig(args.output_dir, device, args.seed, _resume_path(args), args.resume_changed_ok,
                     args.start_epoch, args.epochs, args.eval, args.throughput, amp, args.print_freq,
-                    args.grad_accum_steps, args.train_mode, args.dist_url, args.local_rank, world, global_batch)
+                    args.grad_accum_steps, args.curriculum_batch_scale, args.train_mode, args.dist_url,
+                    args.local_rank, world, global_batch)
     distill = DistillConfig(args.distillation_type, args.teacher_model, args.teacher_path,
                             dict(args.teacher_model_kwargs), args.distillation_alpha, args.distillation_tau)
     toe_cfg = _toe(args)
@@ -335,7 +337,8 @@ BLOCKING_CHANGES = ("model", "model_kwargs", "patch_size", "input_size", "toe_r1
                     "toe_layer", "toe_distance", "toe_init", "toe_no_expand", "toe_no_merge", "toe_epochs",
                     "toe_stage_epochs", "toe_sparse_eval", "toe_compat", "curriculum", "curriculum_table")
 # flags that may change (a longer schedule, another batch), with a notice in the output and in log.txt
-NOTED_CHANGES = ("epochs", "lr", "batch_size", "grad_accum_steps", "global_batch", "unscale_lr")
+NOTED_CHANGES = ("epochs", "lr", "batch_size", "grad_accum_steps", "global_batch", "unscale_lr",
+                 "curriculum_batch_scale")
 
 
 def changes_since(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:

@@ -110,6 +110,8 @@ def check_flags(args: argparse.Namespace) -> None:
     mixing = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and not args.token_label
     if mixing and args.batch_size % 2:
         raise UsageError(f"--batch-size must be even with mixup/cutmix, got {args.batch_size}")
+    if args.curriculum_batch_scale and args.curriculum == "none" and not args.curriculum_table:
+        raise UsageError("--curriculum-batch-scale needs --curriculum or --curriculum-table")
     if args.curriculum != "none" and args.curriculum_table:
         raise UsageError("give either --curriculum or --curriculum-table, not both")
     if args.distillation_type != "none" and not args.teacher_path:

@@ -11,6 +11,9 @@
 #   curriculum: five equal phases of the epochs (60 each), training at 160, 160, 160, 192, 224 px with
 #           RandAugment rand-m{1,3,5,7,9}-mstd0.5-inc1; evaluation always at 224. ToE's stages run on top, so
 #           phases and stages interleave (python -m toe.flops --curriculum efficienttrain counts the GFLOPs).
+#   micro-batches: as the anchor (2x per-GPU micro-batches at low resolution, fewer accumulation steps, same
+#           global batch), the curriculum runs pass --curriculum-batch-scale: where --grad-accum-steps >= 2,
+#           a 160 px phase runs 2x micro-batches with half the steps (192 px: (224/192)^2 rounds to 1, unchanged).
 #   Paper: 407.2 GPU hours in total on 8 RTX A6000 (52.5/36.5/32.3 tiny, 121.3/85.2/79.4 small).
 # Usage: DATA=/imagenet OUT=runs NGPUS=8 bash scripts/table4_efficienttrain.sh   (DRY_RUN=1 prints, SMOKE=1 tests)
 # Then:  python scripts/summarize.py "$OUT" --tables 4
@@ -30,9 +33,10 @@ efficienttrain_run() {
 for size in tiny small; do
     model="deit_${size}_patch16_224"
     efficienttrain_run "deit_${size}_baseline" "$model"
-    efficienttrain_run "deit_${size}_efficienttrain" "$model" --curriculum efficienttrain
+    efficienttrain_run "deit_${size}_efficienttrain" "$model" --curriculum efficienttrain --curriculum-batch-scale
     toe_args 0.6 --toe-r0 0.3 --toe-stage-epochs "${stage_epochs[@]}"
-    efficienttrain_run "deit_${size}_efficienttrain_toe_r1_0.6" "$model" --curriculum efficienttrain "${TOE_ARGS[@]}"
+    efficienttrain_run "deit_${size}_efficienttrain_toe_r1_0.6" "$model" --curriculum efficienttrain \
+        --curriculum-batch-scale "${TOE_ARGS[@]}"
 done
 
 smoke_flush

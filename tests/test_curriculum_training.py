@@ -108,3 +108,39 @@ def test_curriculum_table_flag_and_bad_tables():
             config.from_args(get_args_parser().parse_args(base + ["--curriculum-table", table]))
     with pytest.raises(UsageError, match="not both"):
         config.from_args(get_args_parser().parse_args(CURRICULUM + ["--curriculum-table", "0:32:2"]))
+
+
+def test_batch_scale_keeps_the_global_batch_and_the_update(tmp_path):
+    """--curriculum-batch-scale: at half the final size a micro-batch of 2B with 1 accumulation step replaces
+    2 micro-batches of B. The sampler's index stream is the same, and without random layers or mixup each
+    optimizer step averages the same 2B samples, so the weights agree to float precision."""
+    base = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--patch-size", "4",
+            "--model-kwargs", "depth=2", "embed_dim=32", "num_heads=2", "--device", "cpu", "--num_workers", "0",
+            "--data-set", "FAKE", "--fake-size", "64", "--batch-size", "8", "--grad-accum-steps", "2",
+            "--epochs", "2", "--curriculum-table", "0:16:0,1:32:0", "--aa", "none", "--reprob", "0",
+            "--mixup", "0", "--cutmix", "0", "--drop-path", "0", "--no-repeated-aug", "--no-model-ema",
+            "--warmup-epochs", "0", "--unscale-lr", "--lr", "0.05", "--seed", "5",
+            # SGD: the update is linear in the gradient; Adam would turn float noise in near-zero gradients
+            # (e.g. the key bias, which softmax ignores) into full-size steps
+            "--opt", "sgd", "--weight-decay", "0"]
+    threads = torch.get_num_threads()
+    outs = {}
+    for name, extra in (("plain", []), ("scaled", ["--curriculum-batch-scale"])):
+        outs[name] = tmp_path / name
+        code, _, err = main_inprocess(base + extra + ["--output_dir", str(outs[name])])
+        assert code == 0, err
+    assert torch.get_num_threads() == threads
+    plain, scaled = read_log(outs["plain"] / "log.txt"), read_log(outs["scaled"] / "log.txt")
+    # (32 / 16)^2 = 4, lowered to 2, the largest divisor of --grad-accum-steps 2; the final size is unscaled
+    assert [(r["micro_batch"], r["grad_accum_steps"]) for r in scaled] == [(16, 1), (8, 2)]
+    assert [(r["micro_batch"], r["grad_accum_steps"]) for r in plain] == [(8, 2), (8, 2)]
+    a = _load(outs["plain"] / "checkpoint.pth")["model"]
+    b = _load(outs["scaled"] / "checkpoint.pth")["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # really two different step layouts
+
+
+def test_batch_scale_needs_a_curriculum():
+    code, _, err = main_inprocess(["--data-set", "FAKE", "--curriculum-batch-scale"])
+    assert code == 2 and err.strip() == "error: --curriculum-batch-scale needs --curriculum or --curriculum-table"
