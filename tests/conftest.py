@@ -58,6 +58,27 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+_KILLING_MAIN = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import progress
+_step = progress.Progress.step
+def step(self, *args, **kwargs):
+    _step(self, *args, **kwargs)
+    if self.title == "train epoch {epoch}" and self.done == {iteration}:
+        os.kill(os.getpid(), signal.SIGKILL)
+progress.Progress.step = step
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def killed_main(epoch: int, iteration: int) -> List[str]:
+    """A command running main.py (append its flags) in a process that SIGKILLs itself right after
+    `iteration` of `epoch`: a deterministic kill point, with no test hook in the training code."""
+    return [sys.executable, "-c", _KILLING_MAIN.format(root=str(ROOT), epoch=int(epoch), iteration=int(iteration))]
+
+
 def main_inprocess(args: Sequence[str]) -> tuple:
     """Run main.main(args) in this process; returns (exit code, stdout, stderr)."""
     import main

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT, child_env, main_inprocess, read_log
-from test_train_e2e import _KILL_AT_EPOCH1_ITER3, _assert_state_equal, _load
+from conftest import killed_main
+from test_train_e2e import _assert_state_equal, _load
 
 # final 64 px, patch 8: EfficientTrain's 5/7, 5/7, 5/7, 6/7, 1 -> 48, 48, 48, 56, 64
 CURRICULUM = ["--model", "deit_tiny_patch16_224", "--input-size", "64", "--patch-size", "8",
@@ -76,9 +77,7 @@ def test_resume_mid_curriculum_is_bitwise(curriculum_run, tmp_path):
 
     ref_out, ref_rows = curriculum_run
     out = tmp_path / "killed"
-    script = _KILL_AT_EPOCH1_ITER3.format(root=str(ROOT)).replace('"train epoch 1"', '"train epoch 3"').replace(
-        "self.done == 3", "self.done == 1")
-    proc = subprocess.run([sys.executable, "-c", script] + CURRICULUM + ["--output_dir", str(out), "--print-freq", "1"],
+    proc = subprocess.run(killed_main(3, 1) + CURRICULUM + ["--output_dir", str(out), "--print-freq", "1"],
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode < 0, proc.stderr[-2000:]  # killed in epoch 3, the first of phase 4 (56 px)
     assert [r["epoch"] for r in read_log(out / "log.txt")] == [0, 1, 2]

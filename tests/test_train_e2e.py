@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-
 import signal
 import subprocess
 import sys
-
 from pathlib import Path
 
 import torch
 
-from conftest import (E2E, ROOT, TINY, child_env, last_json, main_inprocess, read_log, run_main,
+from conftest import (E2E, ROOT, TINY, child_env, killed_main, last_json, main_inprocess, read_log, run_main,
                       write_cifar)
 
 LOG_KEYS = {"train_loss", "train_lr", "toe_stage", "toe_keep_rate", "toe_tokens", "epoch_time", "train_img_per_s",
@@ -70,26 +68,9 @@ def test_e2e_toe_schedule_checkpoints_and_eval(e2e_run):
     assert abs(res["test_loss"] - rows[-1]["test_loss"]) < 1e-5
 
 
-# main.py in a process that SIGKILLs itself right after iteration 3 of epoch 1: a deterministic kill point
-_KILL_AT_EPOCH1_ITER3 = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import progress
-_step = progress.Progress.step
-def step(self, *args, **kwargs):
-    _step(self, *args, **kwargs)
-    if self.title == "train epoch 1" and self.done == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-progress.Progress.step = step
-import main
-sys.exit(main.main(sys.argv[1:]))
-"""
-
-
 def test_kill9_mid_epoch_then_resume_is_bitwise_identical(e2e_run, tmp_path):
     out = tmp_path / "killed"
-    script = _KILL_AT_EPOCH1_ITER3.format(root=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", script] + E2E + ["--output_dir", str(out), "--print-freq", "1"], cwd=ROOT,
+    proc = subprocess.run(killed_main(1, 3) + E2E + ["--output_dir", str(out), "--print-freq", "1"], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "train epoch 1 |  3/10" in proc.stdout and "train epoch 1 |  4/10" not in proc.stdout

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY, child_env, last_json, main_inprocess, read_log, run_main
+from conftest import ROOT, TINY, child_env, killed_main, last_json, main_inprocess, read_log, run_main
 
 SMALL = TINY + ["--data-set", "FAKE", "--fake-size", "32", "--batch-size", "16"]
 # LV-ViT-T cut down like the token-labeling tests: 32 px, patch 4 (8x8 grid), depth 2, dim 64
@@ -265,20 +265,6 @@ def test_stage_epochs_give_the_floor_formula_tokens(form, tmp_path):
     assert json.loads((out / "args.json").read_text())["toe_stage_epochs"] == [0, 2, 3]
 
 
-# main.py in a process that SIGKILLs itself right after iteration 3 of epoch 1 (as in test_train_e2e.py)
-KILL_AT_EPOCH1_ITER3 = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import progress
-_step = progress.Progress.step
-def step(self, *args, **kwargs):
-    _step(self, *args, **kwargs)
-    if self.title == "train epoch 1" and self.done == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-progress.Progress.step = step
-import main
-sys.exit(main.main(sys.argv[1:]))
-"""
 
 
 def kill_then_resume_matches(args: list, tmp_path: Path) -> tuple:
@@ -287,8 +273,7 @@ def kill_then_resume_matches(args: list, tmp_path: Path) -> tuple:
     ref_dir, out = tmp_path / "ref", tmp_path / "killed"
     proc = run_main(args + ["--output_dir", str(ref_dir)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    script = KILL_AT_EPOCH1_ITER3.format(root=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", script] + args + ["--output_dir", str(out)], cwd=ROOT,
+    proc = subprocess.run(killed_main(1, 3) + args + ["--output_dir", str(out)], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert _load(out / "checkpoint.pth")["epoch"] == 0
