@@ -3,6 +3,7 @@ torchrun with 2 gloo ranks and exact --dist-eval, CIFAR fine-tuning, distillatio
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -177,12 +178,25 @@ def test_cifar100_finetune_new_head_and_pos_embed_soft_distillation(e2e_run, tmp
     assert row["n_parameters"] < sum(v.numel() for k, v in got.items())
 
 
-def test_throughput_mode():
-    code, stdout, err = main_inprocess(TINY + ["--data-set", "FAKE", "--batch-size", "8", "--throughput",
-                                               "--toe-r1", "0.5", "--epochs", "3"])
+def test_throughput_mode(e2e_run, monkeypatch):
+    """images/s = batch x timed iterations / elapsed, at the ToE stage of the run's next epoch: with a clock
+    that advances 0.5 s per reading, each timed block (10 iterations of batch 8) reads exactly 160 img/s."""
+    import engine
+
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(ticks) * 0.5)
+    base = TINY + ["--data-set", "FAKE", "--batch-size", "8", "--throughput", "--toe-r1", "0.5", "--toe-ng", "3",
+                   "--epochs", "3"]
+    code, stdout, err = main_inprocess(base)
     assert code == 0, err
     res = last_json(stdout)
-    assert res["eval_img_per_s"] > 0 and res["train_img_per_s"] > 0 and res["toe_keep_rate"] == 0.5
+    assert (res["eval_img_per_s"], res["train_img_per_s"]) == (160.0, 160.0)
+    assert (res["epoch"], res["toe_keep_rate"]) == (0, 0.5)
+    # resumed from the reference run's last checkpoint (epoch 2 done): its stage is the last one, all tokens
+    code, stdout, err = main_inprocess(base + ["--resume", str(e2e_run["out"] / "checkpoint.pth")])
+    assert code == 0, err
+    res = last_json(stdout)
+    assert (res["epoch"], res["toe_keep_rate"]) == (2, 1.0)
 
 
 def test_lvvit_token_labeling_with_toe(tmp_path):
@@ -195,7 +209,8 @@ def test_lvvit_token_labeling_with_toe(tmp_path):
     assert code == 0, err
     rows = read_log(out / "log.txt")
     assert [r["toe_tokens"] for r in rows] == [32, 64]
-    assert all(r["train_loss"] == r["train_loss"] for r in rows)  # finite, not NaN
+    assert all(math.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in rows)
+    assert all(math.isfinite(r["ema_test_acc1"]) for r in rows)
     # a wrong label-map size is a flag error, caught before training
     code, stdout, err = main_inprocess(args[:args.index("--token-label-size") + 1] + ["14"]
                                        + args[args.index("--token-label-size") + 2:])
