@@ -154,8 +154,12 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, An
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, *, reduce_across_ranks: bool = False,
-             header: str = "eval", print_freq: int = 50) -> Dict[str, float]:
+             header: str = "eval", print_freq: int = 50, dynamic_batch: bool = False) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over every sample of ``data_loader``.
+
+    ``dynamic_batch`` (for a compiled model) marks the batch dimension dynamic, so the smaller last batch
+    reuses the evaluation graph instead of compiling another one (unless it holds a single image: dynamo
+    specialises size 1).
 
     Counts stay on the device until the end (one host read). With ``reduce_across_ranks`` (an exact,
     non-padded distributed sampler) they are summed over ranks, so the result equals one process'.
@@ -167,6 +171,8 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device,
     for images, target in data_loader:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
+        if dynamic_batch:
+            torch._dynamo.maybe_mark_dynamic(images, 0)
         with autocast_context(device, amp_dtype):
             logits = model(images)
         if not isinstance(logits, torch.Tensor):  # a distilled model left in distilled-training mode

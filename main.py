@@ -70,7 +70,11 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema-decay", type=float, default=0.99996, help="EMA decay per optimizer step "
                                                                          "(default: 0.99996)")
     g.add_argument("--model-ema-force-cpu", action="store_true", help="hold the EMA copy in CPU memory")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (one graph per ToE stage)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: one graph per ToE stage (and curriculum size) plus one for "
+                        "evaluation")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile, e.g. eager or aot_eager to debug (default: inductor)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
 
 

@@ -114,7 +114,7 @@ class Trainer:
         self.ema_device = torch.device("cpu") if cfg.model.ema_on_cpu else self.device
         self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"model {cfg.model.name}: {self.n_parameters} trainable parameters, {self.num_patches} patches")
-        self.model = torch.compile(model) if cfg.model.compile else model
+        self.model = torch.compile(model, backend=cfg.model.compile_backend) if cfg.model.compile else model
         if self.placement.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -249,7 +249,8 @@ class Trainer:
     def _evaluate(self, epoch_label: str) -> Dict[str, Any]:
         reduce = self.placement.distributed and self.cfg.data.dist_eval
         stats = engine.evaluate(self.val_loader, self.model, self.device, self.amp_dtype,
-                                reduce_across_ranks=reduce, header=f"eval {epoch_label}")
+                                reduce_across_ranks=reduce, header=f"eval {epoch_label}",
+                                dynamic_batch=self.cfg.model.compile)
         result = {"test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "test_loss": stats["loss"],
                   "test_images": stats["n"]}
         if self.model_ema is not None:

@@ -50,6 +50,7 @@ class ModelConfig:
     ema_decay: float
     ema_on_cpu: bool
     compile: bool
+    compile_backend: str
     grad_checkpointing: bool
     attn_only: bool
     finetune: str
@@ -306,7 +307,8 @@ def _resolve(args: argparse.Namespace) -> Config:
     device, amp = _device_and_amp(args)
     kwargs = builders.model_kwargs(args.model_kwargs, args.patch_size)
     model = ModelConfig(args.model, kwargs, args.input_size, args.drop, args.drop_path, args.model_ema,
-                        args.model_ema_decay, args.model_ema_force_cpu, args.compile, args.grad_checkpointing,
+                        args.model_ema_decay, args.model_ema_force_cpu, args.compile, args.compile_backend,
+                        args.grad_checkpointing,
                         args.attn_only, args.finetune)
     token_label = None
     if args.token_label:

@@ -116,3 +116,21 @@ def test_inductor_one_graph_per_stage_plus_eval():
     for train_out, train_ref, eval_out, eval_ref in outputs:
         torch.testing.assert_close(train_out, train_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(eval_out, eval_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_entry_compiles_once_per_stage_plus_eval():
+    """main.py --compile over 4 epochs and 2 ToE stages, with a last validation batch smaller than the others
+    (14 images in batches of 12): 2 training graphs + 1 evaluation graph, no recompilation per epoch. (A last
+    batch of exactly one image would add one graph: dynamo specialises sizes 0 and 1.)"""
+    from conftest import TINY as TINY_FLAGS, main_inprocess, read_log  # noqa: N811
+
+    torch._dynamo.reset()
+    counters.clear()
+    code, out, err = main_inprocess(TINY_FLAGS + [
+        "--data-set", "FAKE", "--fake-size", "70", "--batch-size", "8", "--epochs", "4", "--toe-r1", "0.5",
+        "--toe-ng", "2", "--no-model-ema", "--compile", "--compile-backend", "eager"])
+    assert code == 0, err
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    assert not counters["stats"].get("recompile_limit_hit", 0)
+    assert "14 images" in out
+    torch._dynamo.reset()
