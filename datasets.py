@@ -17,7 +17,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import re
 import socket
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional

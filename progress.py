@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Union
 
 import torch
 from timm.utils import AverageMeter

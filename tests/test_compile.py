@@ -122,7 +122,7 @@ def test_training_entry_compiles_once_per_stage_plus_eval():
     """main.py --compile over 4 epochs and 2 ToE stages, with a last validation batch smaller than the others
     (14 images in batches of 12): 2 training graphs + 1 evaluation graph, no recompilation per epoch. (A last
     batch of exactly one image would add one graph: dynamo specialises sizes 0 and 1.)"""
-    from conftest import TINY as TINY_FLAGS, main_inprocess, read_log  # noqa: N811
+    from conftest import TINY as TINY_FLAGS, main_inprocess  # noqa: N811
 
     torch._dynamo.reset()
     counters.clear()

@@ -73,7 +73,6 @@ def test_gflops_follow_size_and_stage(curriculum_run):
 
 def test_resume_mid_curriculum_is_bitwise(curriculum_run, tmp_path):
     import subprocess
-    import sys
 
     ref_out, ref_rows = curriculum_run
     out = tmp_path / "killed"
