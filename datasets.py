@@ -91,7 +91,8 @@ def _patch_posterize(tf: Any) -> None:
                 op.aug_fn = posterize_any_bits
 
 
-def _auto_augment(aa: Optional[str]) -> Optional[str]:
+def auto_augment_policy(aa: Optional[str]) -> Optional[str]:
+    """The --aa policy string, or None when it is empty or 'none'."""
     if aa is None or aa.strip().lower() in ("", "none"):
         return None
     return aa
@@ -100,7 +101,7 @@ def _auto_augment(aa: Optional[str]) -> Optional[str]:
 def aa_with_magnitude(aa: Optional[str], magnitude: int) -> str:
     """A RandAugment policy string at another magnitude: 'rand-m9-mstd0.5-inc1', 3 -> 'rand-m3-mstd0.5-inc1'.
     A policy without an m field gains one; no policy at all means DeiT's default one at ``magnitude``."""
-    policy = _auto_augment(aa) or DEFAULT_AA
+    policy = auto_augment_policy(aa) or DEFAULT_AA
     parts = policy.split("-")
     if parts[0] != "rand":
         raise DataError(f"a curriculum sets the RandAugment magnitude, so --aa must be a rand-... policy, got '{aa}'")
@@ -118,7 +119,7 @@ def build_train_transform(aug: AugmentConfig) -> Callable:
     size = int(aug.input_size)
     if aug.three_augment:
         return new_data_aug_generator(size, aug.simple_random_crop, aug.color_jitter)
-    aa = _auto_augment(aug.aa)
+    aa = auto_augment_policy(aug.aa)
     if aug.remode.lower() not in ("pixel", "rand", "const"):
         raise DataError(f"--remode must be pixel, rand or const, got '{aug.remode}'")
     try:

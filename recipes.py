@@ -77,8 +77,8 @@ class TokenLabelRecipe:
 
 def token_label_augment_kwargs(aug: Any) -> Dict[str, Any]:
     """The augmentation keyword arguments of token_label.build_token_label_dataset from an AugmentConfig."""
-    aa = aug.aa if aug.aa and aug.aa.strip().lower() != "none" else None
-    return {"aa": aa, "color_jitter": aug.color_jitter, "interpolation": aug.train_interpolation,
+    return {"aa": datasets.auto_augment_policy(aug.aa), "color_jitter": aug.color_jitter,
+            "interpolation": aug.train_interpolation,
             "re_prob": aug.reprob, "re_mode": aug.remode, "re_count": aug.recount}
 
 
