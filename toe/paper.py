@@ -1,5 +1,5 @@
 """The numbers printed in the ToE paper (Huang et al., CVPR 2024), as plain data: the one place that holds
-them. ``toe.flops --paper-tables`` and ``scripts/paper_results.py`` (hence ``scripts/summarize.py``) read them
+them. ``toe.flops --paper-tables`` and ``report/paper_results.py`` (hence ``scripts/summarize.py``) read them
 from here.
 
 ``TABLES[table][group][row]`` is a dict ``{column: value}``; ``None`` means the paper prints nothing there

@@ -4,7 +4,7 @@ next to the numbers the paper prints. The one source for summarize.py and README
 The printed numbers themselves live in ``toe/paper.py`` (``toe.paper.TABLES``, shared with
 ``python -m toe.flops --paper-tables``); this module only arranges them. Each table lists rows. A row says
 which runs it holds (``match``: a subset of the run configuration that summarize.py derives from a run's
-args, see ``summarize.run_config``) and the numbers the paper prints for it. ``None`` means the paper prints
+args, see ``report.runargs.run_config``) and the numbers the paper prints for it. ``None`` means the paper prints
 nothing there (or, for Table 6's r0/r1 = 1/3 cell, that the value is missing from our copy of the paper: the
 cell is empty in /work/shared/reference/toe-paper.txt).
 
@@ -14,15 +14,9 @@ accelerations as printed ("1.27x" -> 1.27).
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any, Dict, List, Optional
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import toe.paper as printed  # noqa: E402  (binds `printed` only: `toe` below is this module's match builder)
+import toe.paper as printed  # (binds `printed` only: `toe` below is this module's match builder)
 
 DEIT = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224", "base": "deit_base_patch16_224"}
 LVVIT = {"T": "lvvit_t", "S": "lvvit_s", "M": "lvvit_m"}

@@ -1,0 +1,92 @@
+"""The "Your runs" table: the runs that fit no paper table, each ToE run next to the baseline run with the
+same arguments apart from the --toe-* flags."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+import builders
+from report.common import YOURS, show_value, shown_path
+from report.runargs import global_batch
+from report.runs import Run
+from report.tables import Cell, cell_json, gflops_text, hours_text, ratio_text, top1_text
+
+# =========================================================================================== your runs
+# Arguments that differ between otherwise equal runs without changing what they train: where they write,
+# how a resume found them, and what the launcher filled in for each process.
+_PAIR_IGNORED = frozenset({"output_dir", "resume", "resume_changed_ok", "start_epoch", "rank", "gpu",
+                           "local_rank", "distributed", "dist_backend", "dist_url"})
+
+
+def pair_key(args: Dict[str, Any]) -> str:
+    """A run's arguments apart from the --toe-* flags and ``_PAIR_IGNORED``: a ToE run and its baseline share
+    it."""
+    kept = {k: v for k, v in args.items() if not k.startswith("toe_") and k not in _PAIR_IGNORED}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _setup(args: Dict[str, Any]) -> str:
+    """Model, data set, input size, epochs (and model kwargs) in a few words."""
+    kw = builders.model_kwargs(args.get("model_kwargs"), args.get("patch_size"))
+    extra = f" {show_value(kw)}" if kw else ""
+    return (f"{args.get('model')}{extra}, {args.get('data_set')} {args.get('input_size')}px, "
+            f"{args.get('epochs')} ep, batch {global_batch(args)}")
+
+
+def _method(cfg: Dict[str, Any]) -> str:
+    if not cfg["toe"]:
+        return "baseline"
+    s = (f"ToE r1={cfg['r1']:g} r0={cfg['r1'] * cfg['r0_ratio']:g} ng={cfg['ng']} k={cfg['k']} "
+         f"layer={cfg['layer']}")
+    for key, default in (("distance", "cosine"), ("init", "spatial"), ("compat", "none")):
+        if cfg[key] != default:
+            s += f" {key}={cfg[key]}"
+    s += "" if cfg["expand"] else " no-expand"
+    return s + ("" if cfg["merge"] else " no-merge")
+
+
+def your_groups(runs: List[Run]) -> List[Tuple[List[Run], List[Run]]]:
+    """The runs that fit no paper table, as (baselines, ToE runs) sharing a :func:`pair_key`, in path order."""
+    groups: Dict[str, Tuple[List[Run], List[Run]]] = {}
+    for run in sorted((r for r in runs if not r.fits), key=lambda r: r.path):
+        base, toes = groups.setdefault(pair_key(run.args), ([], []))
+        (toes if run.config["toe"] else base).append(run)
+    return [(b, sorted(t, key=lambda r: (r.config["r1"], r.path))) for b, t in groups.values()]
+
+
+def build_yours(runs: List[Run], use_flops: bool) -> Optional[Dict[str, Any]]:
+    """The "Your runs" table (None when every run fits a paper table): each ToE run after the baseline runs
+    whose arguments equal its own apart from --toe-* and the output folder; best and final top-1 with their
+    difference to the baseline, GFLOPs/iter and the theoretical speed-up, GPU hours and the practical one."""
+    groups = your_groups(runs)
+    if not groups:
+        return None
+    header = ["Run", "Setup", "Method", "Top-1 best", "Top-1 final", "GFLOPs/iter", "Speed-up (GFLOPs)",
+              "GPU hours", "Speed-up (hours)"]
+    out, cells = [], {}
+    unpaired = 0
+    for bases, toes in groups:
+        base = Cell(bases, "test_acc1", use_flops)
+        for run in bases + toes:
+            cell = Cell([run], "test_acc1", use_flops)
+            ref = base if run in toes and not base.empty else None
+            unpaired += run in toes and ref is None
+            out.append([shown_path(run.path), _setup(run.args), _method(run.config),
+                        top1_text(cell, ref), top1_text(cell, ref, value="final_top1"), gflops_text(cell),
+                        ratio_text(ref.gflops, cell.gflops) if ref else "–", hours_text(cell.gpu_hours),
+                        ratio_text(ref.gpu_hours, cell.gpu_hours) if ref else "–"])
+            cells[shown_path(run.path)] = {**cell_json(cell), "baseline": [r.path for r in bases] if ref else []}
+    notes = ["each ToE run follows the baseline run(s) with the same arguments apart from --toe-* and the output "
+             "folder; (+x.xx): difference to the baseline (mean of several); speed-ups = baseline / run",
+             "top-1: the model's own (not EMA), best over the logged epochs and at the last one; GPU hours: sum of "
+             "epoch training time x processes"]
+    if unpaired:
+        notes.append(f"{unpaired} ToE run(s) without a baseline of the same arguments: nothing to compare with")
+    if any("[log]" in c for r in out for c in r):
+        notes.append("[log]: GFLOPs logged by main.py (toe.flops could not count the run, or --no-flops)")
+    if any("*" in r[3] for r in out):
+        notes.append("* run not finished: fewer epochs logged than --epochs")
+    return {"table": "yours", "title": f"{YOURS} (they fit no paper table)", "header": header, "rows": out,
+            "notes": notes, "cells": cells}
+
+
