@@ -36,12 +36,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_folder(flag: str, path: str) -> None:
+    """InputError unless ``path`` is a folder or can become one: neither it nor a folder above it is a file."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        where = "is a file" if here == os.path.abspath(path) else f"is under the file {here}"
+        raise InputError(f"{flag} {path}: {where}, not a folder")
+
+
 def _run_json(run: Run, use_flops: bool) -> Dict[str, Any]:
     metrics = {k: v for k, v in run.metrics("test_acc1", use_flops).items() if k != "curve"}
-    left_out = [{"flag": flag_name(k), "run": show_value(have), "script": show_value(want)} for k, have, want in run.diffs]
+    left_out = [{"flag": flag_name(k), "run": show_value(have), "script": show_value(want)}
+                for k, have, want in run.diffs]
     return {"run": run.path, "config": run.config, "fits": sorted(run.fits),
             "closest": f"table{run.closest.table}: {run.closest.name}" if run.closest else None,
-            "differences": left_out, **metrics}
+            "differences": left_out, "mixed": run.mixed, **metrics}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -52,6 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         unknown = [t for t in tables if t not in paper_results.TABLES]
         if unknown:
             raise InputError(f"--tables: unknown table {', '.join(unknown)} (known: {', '.join(paper_results.TABLES)})")
+        if args.plots:
+            check_folder("--plots", args.plots)
         runs = load_runs(args.paths)
     except InputError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -6,11 +6,11 @@ import sys
 from typing import Any, Dict, List, Tuple
 
 from report import paper_results
-from report.common import PROG, YOURS
+from report.common import PROG, YOURS, shown_path
 from report.runargs import matches
 from report.runs import Run
 from report.tables import Cell
-from report.yours import your_groups
+from report.yours import method_text, your_groups
 
 # =============================================================================================== plots
 _MODEL_NAMES = {**{v: f"DeiT-{k}" for k, v in paper_results.DEIT.items()},
@@ -46,6 +46,13 @@ def _finish_plot(plt: Any, fig: Any, ax: Any, title: str, path: str) -> str:
     return path
 
 
+def legend_labels(runs: List[Run]) -> List[str]:
+    """Each run's label: the Method column's text (baseline / the ToE setting, mixed resumes), with the run's
+    folder where two runs would otherwise share a label."""
+    labels = [method_text(r) for r in runs]
+    return [f"{label} ({shown_path(r.path)})" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
+
+
 def _plot_curves(plt: Any, series: List[Tuple[str, Run]], metric: str, use_flops: bool, ylabel: str,
                  title: str, path: str) -> str:
     """Fig. 3: validation top-1 per epoch of each (label, run); the baseline solid, ToE dashed."""
@@ -53,7 +60,7 @@ def _plot_curves(plt: Any, series: List[Tuple[str, Run]], metric: str, use_flops
     for label, run in series:
         curve = run.metrics(metric, use_flops)["curve"]
         ax.plot([e + 1 for e, _ in curve], [a for _, a in curve], label=label,
-                linestyle="-" if label == "Baseline" else "--",
+                linestyle="--" if run.config["toe"] else "-",
                 marker="o" if len(curve) <= 30 else None)  # short runs: points stay visible
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
@@ -81,11 +88,12 @@ def _plot_speedup(plt: Any, base: Cell, points: List[Tuple[str, Cell]], title: s
     return _finish_plot(plt, fig, ax, title, path)
 
 
-def _r1_points(toes: List[Run], metric: str, use_flops: bool) -> List[Tuple[str, Cell]]:
-    by_r1: Dict[float, List[Run]] = {}
-    for r in toes:
-        by_r1.setdefault(round(r.config["r1"], 4), []).append(r)
-    return [(f"r1={r1:g}", Cell(rs, metric, use_flops)) for r1, rs in sorted(by_r1.items())]
+def _setting_points(toes: List[Run], metric: str, use_flops: bool) -> List[Tuple[str, Cell]]:
+    """One Fig. 4 point per ToE setting (the runs sharing one Method text, e.g. seeds, averaged), by r1."""
+    by_setting: Dict[str, List[Run]] = {}
+    for r in sorted(toes, key=lambda r: r.config["r1"]):
+        by_setting.setdefault(method_text(r), []).append(r)
+    return [(label, Cell(rs, metric, use_flops)) for label, rs in by_setting.items()]
 
 
 def draw_plots(runs: List[Run], out_dir: str, use_flops: bool) -> List[str]:
@@ -114,12 +122,12 @@ def draw_plots(runs: List[Run], out_dir: str, use_flops: bool) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     written: List[str] = []
     for stem, name, metric, bases, toes in jobs:
-        series = [("Baseline", r) for r in bases] + [(f"ToE r1={r.config['r1']:g}", r) for r in toes]
+        series = list(zip(legend_labels(bases + toes), bases + toes))
         ylabel = "validation top-1 (%)" + (" (EMA)" if metric == "ema_test_acc1" else "")
         written.append(_plot_curves(plt, series, metric, use_flops, ylabel,
                                     f"{name}: validation top-1 during training (Fig. 3)",
                                     os.path.join(out_dir, f"fig3_{stem}.png")))
-        written.append(_plot_speedup(plt, Cell(bases, metric, use_flops), _r1_points(toes, metric, use_flops),
+        written.append(_plot_speedup(plt, Cell(bases, metric, use_flops), _setting_points(toes, metric, use_flops),
                                      f"{name}: acceleration vs top-1 over r1 (Fig. 4)",
                                      os.path.join(out_dir, f"fig4_{stem}.png")))
     return written

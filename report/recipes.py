@@ -22,20 +22,21 @@ from report.common import ROOT, warn
 from report.runargs import finetune_from, global_batch, toe_on, world_size
 
 # ============================================================================ the table scripts' commands
-# Command-line flags that say where a run reads and writes, how it is split over processes, how fast it runs
-# or what it logs, not what it trains: never compared. (--lr, --batch-size and friends are compared through
-# the derived keys below.)
-_NOT_RECIPE = frozenset({
-    "output_dir", "data_path", "batch_size", "grad_accum_steps", "world_size", "unscale_lr", "lr",
-    "model_kwargs", "patch_size", "finetune", "num_workers", "pin_mem", "prefetch_factor", "persistent_workers",
-    "amp", "dist_eval", "seed", "token_label_data", "print_freq", "device", "resume", "resume_changed_ok",
-    "dist_url", "local_rank", "opt_impl", "compile", "grad_checkpointing", "model_ema_force_cpu", "start_epoch",
-    "eval", "throughput", "skip_bad_images", "toe_sparse_eval", "lr_scaled", "global_batch"})
-# Switches that no table script gives (main.py's "off" value): a run that turned one on trained differently.
-_OFF: Dict[str, Any] = {"bce_loss": False, "clip_grad": None, "opt_betas": None, "lr_noise": None,
-                        "cutmix_minmax": None, "ThreeAugment": False, "src": False, "resplit": False,
-                        "attn_only": False, "toe_stage_epochs": None, "curriculum_table": None,
-                        "token_label_gt": False}
+# Flags of main.py that cannot change a reported number (top-1, GFLOPs, GPU hours), so a run may differ in
+# them and still fill a table. Each has its reason in tests/test_summarize.py, which checks the list flag by
+# flag: every other flag of main.py is compared, against the command's value or main.py's default.
+NOT_COMPARED = frozenset({
+    "output_dir", "data_path", "token_label_data",  # where the same data is read and the run written
+    "device", "world_size", "dist_url", "local_rank",  # how the processes were launched (their number: global batch)
+    "num_workers", "pin_mem", "prefetch_factor", "persistent_workers",  # the loader: the same batches
+    "dist_eval",  # exact: no padded duplicates
+    "seed",  # a replicate: several seeds fill one cell as mean +- std
+    "resume", "resume_changed_ok", "overwrite",  # how a run was continued or restarted (mixtures: log.txt's notice)
+    "eval", "throughput", "print_freq", "skip_bad_images"})  # no training / logging / a run that stops without it
+# Flags compared through what they amount to (the derived keys below), and main.py's derived args.json values.
+_DERIVED_INPUTS = frozenset({"batch_size", "grad_accum_steps", "unscale_lr", "lr", "model_kwargs", "patch_size",
+                             "finetune", "lr_scaled", "global_batch"})
+_NOT_RECIPE = NOT_COMPARED | _DERIVED_INPUTS
 # The value of a flag that an older args.json does not record (the flag did not exist, so it had this effect).
 _ABSENT: Dict[str, Any] = {"toe_compat": "none", "toe_dense_loss": "merged", "curriculum": "none"}
 # Derived keys: what several flags amount to.
@@ -110,6 +111,18 @@ class Reference:
         self.table, self.name, self.recipe = table, name, recipe
 
 
+def main_defaults() -> Dict[str, Any]:
+    """main.py's default value of each of its flags: what a command that does not set a flag trains with."""
+    if not _DEFAULTS:
+        import main
+
+        _DEFAULTS.update(vars(main.get_args_parser().parse_args([])))
+    return _DEFAULTS
+
+
+_DEFAULTS: Dict[str, Any] = {}
+
+
 def recipe(values: Dict[str, Any], world: int, lr_is_trained: bool,
            finetune_from: Optional[str]) -> Dict[str, Any]:
     """The comparable view of a run's or a command's arguments: recipe flags (without ``_NOT_RECIPE``), with
@@ -151,7 +164,10 @@ def _references_of(table: str, commands: List[Tuple[int, Dict[str, Any]]]) -> Li
         ft = None if not values.get("finetune") else ("unknown" if source is None else
                                                        "toe" if toe_on(source) else "baseline")
         name = os.path.relpath(str(values.get("output_dir")), "/out")
-        refs.append(Reference(table, name, recipe(values, world, lr_is_trained=False, finetune_from=ft)))
+        # a flag the command does not set trains with main.py's default
+        unset = {k: v for k, v in main_defaults().items() if k not in values}
+        refs.append(Reference(table, name, recipe({**values, **unset}, world, lr_is_trained=False,
+                                                  finetune_from=ft)))
     return refs
 
 
@@ -201,12 +217,11 @@ def same_value(have: Any, want: Any) -> bool:
 
 
 def differences(have: Dict[str, Any], want: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    """(key, the run's value, the command's value) for every recipe key of the command, and every ``_OFF``
-    switch the command leaves off, on which the run differs. A key an older args.json lacks takes its
-    ``_ABSENT`` value, or is not compared."""
+    """(key, the run's value, the command's value) for every recipe key of the command (its flags and main.py's
+    defaults) on which the run differs. A key an older args.json lacks takes its ``_ABSENT`` value, or is not
+    compared."""
     out = []
-    for key in list(want) + [k for k in _OFF if k not in want]:
-        expected = want[key] if key in want else _OFF[key]
+    for key, expected in want.items():
         value = have.get(key, _ABSENT.get(key, _MISSING))
         if value is _MISSING:
             continue

@@ -12,7 +12,7 @@ import runlog
 from errors import UsageError
 from report import paper_results
 from report.common import WARNED, YOURS, InputError, flag_name, show_value, shown_path, shown_paths, warn
-from report.recipes import Reference, differences, references, run_recipe
+from report.recipes import NOT_COMPARED, Reference, differences, references, run_recipe, same_value
 from report.runargs import curriculum_of, find_runs, global_batch, load_args, nb_classes, run_config, toe_on, world_size
 
 # ============================================================================================= metrics
@@ -100,13 +100,37 @@ def summarize_run(run_dir: str, rows: List[Dict[str, Any]], args: Dict[str, Any]
     }
 
 
-class Run:
-    """One run folder: its log rows, args, matching configuration and the tables it fits."""
+# Changed on a resume without changing what is trained: the global batch they make up is logged as a change
+# of its own when it changes.
+_SAME_TRAINING = NOT_COMPARED | {"batch_size", "grad_accum_steps"}
 
-    def __init__(self, path: str, rows: List[Dict[str, Any]], args: Dict[str, Any]) -> None:
+
+def resumed_changes(notices: Sequence[Dict[str, Any]]) -> List[str]:
+    """The log's ``{"resumed_with_changes": {flag: [old, new]}, "epoch": E}`` rows as text, one per resume
+    that changed what the run trains, e.g. ``toe_r1 0.5 -> 0.4 at epoch 3``: such a run is a mixture."""
+    out = []
+    for row in notices:
+        changes = row.get("resumed_with_changes")
+        if not isinstance(changes, dict):
+            continue
+        said = [f"{flag} {show_value(pair[0])} -> {show_value(pair[1])}" for flag, pair in changes.items()
+                if flag not in _SAME_TRAINING and isinstance(pair, (list, tuple)) and len(pair) == 2
+                and not same_value(pair[0], pair[1])]
+        if said:
+            out.append(", ".join(said) + f" at epoch {row.get('epoch', '?')}")
+    return out
+
+
+class Run:
+    """One run folder: its log rows, args, matching configuration and the tables it fits. ``mixed`` names
+    each resume that changed its training (log.txt's notices): such a run fits no paper table."""
+
+    def __init__(self, path: str, rows: List[Dict[str, Any]], args: Dict[str, Any],
+                 notices: Sequence[Dict[str, Any]] = ()) -> None:
         self.path = path
         self.rows = rows
         self.args = args
+        self.mixed = resumed_changes(notices)
         self.config = run_config(args)
         self.recipe = run_recipe(args)
         self.fits: Set[str] = set()
@@ -128,6 +152,8 @@ class Run:
                 score = len(diffs) + 0.5 * toe_differs
                 if best is None or score < best[0]:
                     best = (score, ref, diffs)
+        if self.mixed:
+            self.fits.clear()  # a mixture of two trainings is no row of the paper
         if not self.fits and best is not None:
             _, self.closest, self.diffs = best
 
@@ -140,7 +166,6 @@ class Run:
                 warn(f"GFLOPs of {shown_path(self.path)} (and its likes) from log.txt: {m['gflops_note']}")
             self._metrics[key] = m
         return self._metrics[key]
-
 
 
 def load_runs(paths: Sequence[str]) -> List[Run]:
@@ -156,7 +181,8 @@ def load_runs(paths: Sequence[str]) -> List[Run]:
         if args is None:
             warn(f"skipping {d}: no args.json and no readable checkpoint.pth with saved args")
             continue
-        runs.append(Run(d, rows, args))
+        notices = [r for r in runlog.read_rows(os.path.join(d, "log.txt")) if runlog.is_notice(r)]
+        runs.append(Run(d, rows, args, notices))
     if not runs:
         raise InputError(f"no readable run (log.txt with epochs + args) under {', '.join(paths)}")
     for run in runs:
@@ -173,11 +199,13 @@ def left_out_lines(runs: List[Run], limit: int = 12) -> List[str]:
     groups: Dict[Tuple[str, Tuple[str, ...]], List[str]] = {}
     for run in out:
         if run.closest is None:
-            groups.setdefault(("no table script could be read", ()), []).append(shown_path(run.path))
+            reasons = tuple(f"mixed: {change}" for change in run.mixed)
+            groups.setdefault(("no table script could be read", reasons), []).append(shown_path(run.path))
             continue
         table = run.closest.table
         where = f"closest: Table {table}, {paper_results.TABLES[table]['script']}"
-        reasons = [f"{flag_name(k)} {show_value(have)}, not {show_value(want)}" for k, have, want in run.diffs[:limit]]
+        reasons = [f"mixed: {change}" for change in run.mixed]
+        reasons += [f"{flag_name(k)} {show_value(have)}, not {show_value(want)}" for k, have, want in run.diffs[:limit]]
         if len(run.diffs) > limit:
             rest = ", ".join(flag_name(k) for k, _, _ in run.diffs[limit:])
             reasons.append(f"and {len(run.diffs) - limit} more: {rest}")

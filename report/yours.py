@@ -3,10 +3,10 @@ same arguments apart from the --toe-* flags."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import builders
-from report.common import YOURS, show_value, shown_path
+from report.common import YOURS, flag_name, show_value, shown_path
 from report.runargs import global_batch
 from report.runs import Run
 from report.tables import Cell, cell_json, gflops_text, hours_text, ratio_text, top1_text
@@ -25,24 +25,60 @@ def pair_key(args: Dict[str, Any]) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def _setup(args: Dict[str, Any]) -> str:
-    """Model, data set, input size, epochs (and model kwargs) in a few words."""
+# Always in the Setup column (with model, data, size, epochs and batch): what changes training most often.
+_SETUP_ALWAYS = ("aa", "clip_grad")
+# Shown in the Setup column's fixed part, or following from flags shown there.
+_SETUP_SHOWN = frozenset({"model", "model_kwargs", "patch_size", "data_set", "input_size", "epochs", "aa",
+                          "clip_grad", "curriculum", "curriculum_table", "global_batch", "lr_scaled"})
+
+
+def setup_differences(runs: List[Run]) -> List[str]:
+    """The flags (apart from --toe-*) whose values differ between the given runs, in a stable order: the Setup
+    column shows them, so that two rows that look alike are alike."""
+    kept = [json.loads(pair_key(r.args)) for r in runs]
+    keys = sorted({k for one in kept for k in one} - _SETUP_SHOWN)
+    return [k for k in keys if len({json.dumps(one.get(k), sort_keys=True) for one in kept}) > 1]
+
+
+def setup_text(args: Dict[str, Any], differing: Sequence[str] = ()) -> str:
+    """Model, data set, input size, epochs, global batch (and model kwargs), the curriculum, --aa, --clip-grad
+    and the ``differing`` flags, in a few words."""
     kw = builders.model_kwargs(args.get("model_kwargs"), args.get("patch_size"))
     extra = f" {show_value(kw)}" if kw else ""
-    return (f"{args.get('model')}{extra}, {args.get('data_set')} {args.get('input_size')}px, "
+    text = (f"{args.get('model')}{extra}, {args.get('data_set')} {args.get('input_size')}px, "
             f"{args.get('epochs')} ep, batch {global_batch(args)}")
+    if args.get("curriculum_table"):
+        text += f", --curriculum-table {args['curriculum_table']}"
+    else:
+        text += f", --curriculum {show_value(args.get('curriculum') or 'none')}"
+    for key in list(_SETUP_ALWAYS) + list(differing):
+        text += f", {flag_name(key)} {show_value(args.get(key))}"
+    return text
 
 
-def _method(cfg: Dict[str, Any]) -> str:
+def method_text(run: Run) -> str:
+    """Baseline or the ToE setting (what differs from the paper's defaults included: distance, init,
+    --toe-compat, the token-labeling loss, stage epochs, sparse evaluation, ablations), and how the run was
+    mixed by resumes with changed flags."""
+    cfg, args = run.config, run.args
     if not cfg["toe"]:
-        return "baseline"
-    s = (f"ToE r1={cfg['r1']:g} r0={cfg['r1'] * cfg['r0_ratio']:g} ng={cfg['ng']} k={cfg['k']} "
-         f"layer={cfg['layer']}")
-    for key, default in (("distance", "cosine"), ("init", "spatial"), ("compat", "none")):
-        if cfg[key] != default:
-            s += f" {key}={cfg[key]}"
-    s += "" if cfg["expand"] else " no-expand"
-    return s + ("" if cfg["merge"] else " no-merge")
+        text = "baseline"
+    else:
+        text = (f"ToE r1={cfg['r1']:g} r0={cfg['r1'] * cfg['r0_ratio']:g} ng={cfg['ng']} k={cfg['k']} "
+                f"layer={cfg['layer']}")
+        for key, default in (("distance", "cosine"), ("init", "spatial"), ("compat", "none")):
+            if cfg[key] != default:
+                text += f" {key}={cfg[key]}"
+        if args.get("token_label"):
+            text += f" dense-loss={args.get('toe_dense_loss') or 'merged'}"
+        if args.get("toe_stage_epochs"):
+            text += f" stages={show_value(args['toe_stage_epochs']).replace(' ', '/')}"
+        elif args.get("toe_epochs") and args.get("toe_epochs") != args.get("epochs"):
+            text += f" toe-epochs={args['toe_epochs']}"
+        text += " sparse-eval" if args.get("toe_sparse_eval") else ""
+        text += "" if cfg["expand"] else " no-expand"
+        text += "" if cfg["merge"] else " no-merge"
+    return text + (f" (mixed: {'; '.join(run.mixed)})" if run.mixed else "")
 
 
 def your_groups(runs: List[Run]) -> List[Tuple[List[Run], List[Run]]]:
@@ -65,21 +101,26 @@ def build_yours(runs: List[Run], use_flops: bool) -> Optional[Dict[str, Any]]:
               "GPU hours", "Speed-up (hours)"]
     out, cells = [], {}
     unpaired = 0
+    differing = setup_differences([r for b, ts in groups for r in b + ts])
     for bases, toes in groups:
         base = Cell(bases, "test_acc1", use_flops)
         for run in bases + toes:
             cell = Cell([run], "test_acc1", use_flops)
             ref = base if run in toes and not base.empty else None
             unpaired += run in toes and ref is None
-            out.append([shown_path(run.path), _setup(run.args), _method(run.config),
+            out.append([shown_path(run.path), setup_text(run.args, differing), method_text(run),
                         top1_text(cell, ref), top1_text(cell, ref, value="final_top1"), gflops_text(cell),
                         ratio_text(ref.gflops, cell.gflops) if ref else "–", hours_text(cell.gpu_hours),
                         ratio_text(ref.gpu_hours, cell.gpu_hours) if ref else "–"])
-            cells[shown_path(run.path)] = {**cell_json(cell), "baseline": [r.path for r in bases] if ref else []}
+            cells[shown_path(run.path)] = {**cell_json(cell), "baseline": [r.path for r in bases] if ref else [],
+                                           "mixed": run.mixed}
     notes = ["each ToE run follows the baseline run(s) with the same arguments apart from --toe-* and the output "
              "folder; (+x.xx): difference to the baseline (mean of several); speed-ups = baseline / run",
              "top-1: the model's own (not EMA), best over the logged epochs and at the last one; GPU hours: sum of "
              "epoch training time x processes"]
+    if any(r.mixed for b, ts in groups for r in b + ts):
+        notes.append("mixed: resumed with changed flags (--resume-changed-ok, or a new lr, batch or epochs), so "
+                     "part of the run trained otherwise; such runs never fill a paper table")
     if unpaired:
         notes.append(f"{unpaired} ToE run(s) without a baseline of the same arguments: nothing to compare with")
     if any("[log]" in c for r in out for c in r):

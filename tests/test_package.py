@@ -36,7 +36,7 @@ def test_pip_install_gives_the_toe_library(tmp_path):
                             "--target", str(target), str(source)], capture_output=True, text=True, timeout=600,
                            env={**os.environ, "PIP_NO_INDEX": "1"})
     assert build.returncode == 0, build.stderr[-3000:]
-    assert (target / "toe" / "ops.py").is_file() and (target / "toe" / "flops.py").is_file()
+    assert all((target / "toe" / name).is_file() for name in ("ops.py", "flops.py", "flops_cli.py"))
     assert not (target / "models").exists() and not (target / "main.py").exists()  # the library only
     assert list((target / "bin").glob("toe-flops")), "console script toe-flops missing"
     env = child_env()
@@ -47,3 +47,8 @@ def test_pip_install_gives_the_toe_library(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert int(run.stdout.strip()) == 1 + 32  # class token + floor(0.5 * 64) patch tokens
+    # the installed command names itself in its errors
+    (script,) = (target / "bin").glob("toe-flops")
+    cli = subprocess.run([str(script), "--bogus"], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [
+        "toe-flops: error: unrecognized arguments: --bogus"], cli.stderr[-3000:]
