@@ -304,7 +304,7 @@ def test_no_model_package_is_guessed(tmp_path):
     imports it only when told to."""
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "__init__.py").write_text("import sys\nsys.stderr.write('user models imported')\n")
-    code = ("import sys, toe.flops as f, toe.flops_cli\n"
+    code = ("import sys, toe.flops as f\n"
             "print(f.import_model_modules(), f.import_model_modules(None), 'models' in sys.modules)\n"
             "print(f.import_model_modules(['models']), 'models' in sys.modules)")
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
