@@ -1,5 +1,21 @@
 """The paper's tables filled with the runs that fit them: one cell per row and column, next to the paper's
-printed numbers (``report.paper_results``)."""
+printed numbers (``report.paper_results``). A fitting run fills the rows whose configuration it matches
+(model, data set, token labeling, fine-tuning source and every ToE setting, see ``report.runargs.run_config``;
+folder names play no part).
+
+Per row, measured | paper:
+  * Top-1: the best validation top-1 over the logged epochs (DeiT's "max accuracy"; the EMA model's for
+    Table 3, as the paper reports LV-ViT with EMA), the mean +- std when several runs match (seeds), and the
+    difference to the row group's baseline where the paper prints one (Tables 2, 3, 5);
+  * GFLOPs per training iteration: ``toe.flops.gflops_per_iteration`` for the run's model, input size, global
+    batch and ToE schedule, with the theoretical speed-up over the baseline; ``[log]`` where it is the mean of
+    the ``gflops_per_iter`` values main.py logged (``--no-flops``, a model toe.flops cannot count, a
+    curriculum);
+  * total GPU hours: the sum over epochs of ``epoch_time`` x ``world_size``, and the practical acceleration =
+    baseline GPU hours / GPU hours.
+A run that has not finished all its epochs is marked ``*``. Where runs of both ``--toe-compat`` variants fill
+a row, it is printed twice; the paper's numbers stand next to the official-code row (Table 9 always prints
+both, as its script trains both)."""
 from __future__ import annotations
 
 import math

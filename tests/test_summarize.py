@@ -1,4 +1,5 @@
-"""scripts/summarize.py on synthetic run folders (args.json + log.txt written here, no training).
+"""scripts/summarize.py (the report/ package) on synthetic run folders (args.json + log.txt written here, no
+training).
 
 The runs are the table scripts' own DRY_RUN commands, parsed with main.py's parser, with the values main.py
 adds to args.json (lr_scaled, global_batch) and made-up epoch rows; so each test knows exactly which cell a
@@ -324,11 +325,13 @@ def test_gflops_fall_back_to_the_log_only_for_uncountable_models(summarize, tmp_
     def broken(*a, **k):
         raise RuntimeError("toe.flops bug")
 
+    from report import runs
+
     monkeypatch.setattr(flops, "gflops_per_iteration", broken)
-    mod = _summarize()
+    monkeypatch.setattr(runs, "_FLOPS_CACHE", {})  # no count from an earlier test stands in
     write_run(tmp_path / "vit", args_json(_tiny_vit(), 1), [1.0] * 6)
     with pytest.raises(RuntimeError, match="toe.flops bug"):
-        mod.main([str(tmp_path / "vit"), "--tables", "2"])
+        summarize.main([str(tmp_path / "vit"), "--tables", "2"])
 
 
 def test_notice_rows_and_torn_lines_are_not_epochs(summarize, tmp_path, capsys):
