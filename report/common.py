@@ -21,9 +21,16 @@ def warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
+# main.py flags spelled with underscores, as DeiT spells them
+_UNDERSCORED = frozenset({"output_dir", "num_workers", "start_epoch", "world_size", "dist_url", "local_rank"})
+
+
 def flag_name(key: str) -> str:
-    """``drop_path`` -> ``--drop-path``; a derived key ("global batch") stays as it is."""
-    return key if " " in key else "--" + key.replace("_", "-")
+    """``drop_path`` -> ``--drop-path`` (``start_epoch`` -> ``--start_epoch``); a derived key ("global batch")
+    stays as it is."""
+    if " " in key:
+        return key
+    return "--" + (key if key in _UNDERSCORED else key.replace("_", "-"))
 
 
 def show_value(value: Any) -> str:

@@ -487,7 +487,7 @@ def test_every_flag_is_compared_unless_it_cannot_change_a_number(summarize, tmp_
     """Flag by flag: a table run with one flag of main.py changed still fills its table only when the flag is
     in CANNOT_CHANGE_A_NUMBER; and the summarizer ignores no flag beyond that list."""
     import main
-    from report import recipes, runs
+    from report import common, recipes, runs
 
     assert recipes.NOT_COMPARED <= set(CANNOT_CHANGE_A_NUMBER)
     parser = main.get_args_parser()
@@ -508,6 +508,8 @@ def test_every_flag_is_compared_unless_it_cannot_change_a_number(summarize, tmp_
         placed.place([table])
         if (table in placed.fits) != (dest in CANNOT_CHANGE_A_NUMBER):
             wrong.append(f"{dest}: {'fits' if table in placed.fits else 'left out'} with {argv[-3:]}")
+        # the reasons name the flag as main.py spells it
+        assert common.flag_name(dest) in {o for a in parser._actions if a.dest == dest for o in a.option_strings}
     assert wrong == []
     # the unchanged commands fit
     for run, (cmd, _) in commands.items():
