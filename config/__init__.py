@@ -293,11 +293,16 @@ def _curriculum(args: argparse.Namespace, patch_size: int):
     try:
         if args.curriculum_table:
             curriculum = Curriculum.parse(args.curriculum_table, patch_size=patch_size)
-            return dataclasses.replace(curriculum, downsample=args.curriculum_downsample)
-        curriculum = Curriculum.efficienttrain(epochs=args.epochs, final_size=args.input_size, patch_size=patch_size)
-        return dataclasses.replace(curriculum, downsample=args.curriculum_downsample)
+        else:
+            curriculum = Curriculum.efficienttrain(epochs=args.epochs, final_size=args.input_size,
+                                                   patch_size=patch_size)
+        curriculum = dataclasses.replace(curriculum, downsample=args.curriculum_downsample)
     except ValueError as e:
         raise UsageError(f"--curriculum: {e}") from None
+    if curriculum.downsample == "fourier" and curriculum.odd_sizes():
+        raise UsageError(f"--curriculum-downsample fourier keeps size/2 frequencies each way, so every phase size "
+                         f"must be even, got {curriculum.odd_sizes()}; use even sizes or --curriculum-downsample resize")
+    return curriculum
 
 
 def _resolve(args: argparse.Namespace) -> Config:

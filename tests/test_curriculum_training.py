@@ -194,8 +194,15 @@ def test_downsample_mode_is_part_of_the_experiment(tmp_path):
 def test_fourier_needs_even_phase_sizes():
     code, _, err = main_inprocess(["--data-set", "FAKE", "--input-size", "42", "--patch-size", "7",
                                    "--curriculum-table", "0:21:1,1:42:9"])
-    assert code == 2 and err.strip() == ("error: --curriculum: table '0:21:1,1:42:9': downsample 'fourier' keeps "
-                                         "size // 2 frequencies each way, so every phase size must be even, got [21]")
+    assert code == 2 and err.strip() == ("error: --curriculum-downsample fourier keeps size/2 frequencies each way, "
+                                         "so every phase size must be even, got [21]; use even sizes or "
+                                         "--curriculum-downsample resize")
+    from main import get_args_parser
+    import config
+
+    args = get_args_parser().parse_args(["--data-set", "FAKE", "--input-size", "42", "--patch-size", "7",
+                                         "--curriculum-table", "0:21:1,1:42:9", "--curriculum-downsample", "resize"])
+    assert config.from_args(args).curriculum.downsample == "resize"  # resizing to an odd size is fine
 
 
 # the real-image set: 1000 training JPEGs of 10 classes at 64 px, trained at 32 px (patch 4) for 3 epochs:

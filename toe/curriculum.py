@@ -52,8 +52,8 @@ class Curriculum:
             phase lasts until the end of training.
         patch_size: every input size must be a multiple of it (a ViT sees whole patches only).
         downsample: ``"fourier"`` (the loader yields final-size images, :func:`frequency_crop` reduces them
-            on the device; every phase size must then be even) or ``"resize"`` (the loader yields phase-size
-            images).
+            on the device, which needs even phase sizes: see :meth:`odd_sizes`) or ``"resize"`` (the loader
+            yields phase-size images). It does not change the table or any lookup.
 
     Raises ValueError naming ``phases``, ``patch_size`` or ``downsample`` when the table is not valid.
     """
@@ -83,10 +83,6 @@ class Curriculum:
             raise ValueError(f"phases must start at strictly increasing epochs, got starts {starts}")
         if self.downsample not in DOWNSAMPLE_MODES:
             raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_MODES)}, got {self.downsample!r}")
-        odd = sorted({p.input_size for p in phases if p.input_size % 2})
-        if self.downsample == "fourier" and odd:
-            raise ValueError(f"downsample 'fourier' keeps size // 2 frequencies each way, so every phase size must "
-                             f"be even, got {odd}")
         object.__setattr__(self, "phases", phases)
 
     # ------------------------------------------------------------------------------------- constructors
@@ -174,6 +170,10 @@ class Curriculum:
             raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
         ends = [p.start_epoch for p in self.phases[1:]] + [epochs]
         return [max(0, min(end, epochs) - p.start_epoch) for p, end in zip(self.phases, ends)]
+
+    def odd_sizes(self) -> Sequence[int]:
+        """Phase sizes :func:`frequency_crop` cannot produce (it keeps size // 2 frequencies each way)."""
+        return sorted({p.input_size for p in self.phases if p.input_size % 2})
 
     def to_table(self) -> str:
         """The ``start:size:magnitude,...`` form that :meth:`parse` reads."""
