@@ -64,7 +64,8 @@ def _grow(model, optimizer, size: int, patch: int, lr: float):
     return new, new_opt
 
 
-def train(handling: str, data: str, epochs: int, size: int, lr: float, init: Dict[str, torch.Tensor]):
+def train(handling: str, data: str, epochs: int, size: int, lr: float, init: Dict[str, torch.Tensor],
+          seed: int = 0):
     from torchvision import datasets, transforms
 
     patch = MODEL["patch_size"]
@@ -86,8 +87,8 @@ def train(handling: str, data: str, epochs: int, size: int, lr: float, init: Dic
         train_set = datasets.ImageFolder(os.path.join(data, "train"), transforms.Compose([
             transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]))
         loader = torch.utils.data.DataLoader(train_set, batch_size=50, shuffle=True, drop_last=True,
-                                             generator=torch.Generator().manual_seed(epoch))
-        torch.manual_seed(1000 + epoch)
+                                             generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        torch.manual_seed(seed * 1000 + 100 + epoch)
         model.train()
         for images, labels in loader:
             if handling != "resize" and phase < size:
@@ -128,14 +129,16 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and image order")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     init = _model(args.input_size, dynamic=True).state_dict()
     side = args.input_size // MODEL["patch_size"]
     low = Curriculum.efficienttrain(args.epochs, args.input_size, MODEL["patch_size"]).input_size(0) // MODEL["patch_size"]
     results, final = {"init": describe(init["pos_embed"], side, low)}, {}
     for handling in ("fourier", "resize", "official"):
-        final[handling], acc = train(handling, args.data_path, args.epochs, args.input_size, args.lr, init)
+        final[handling], acc = train(handling, args.data_path, args.epochs, args.input_size, args.lr, init,
+                                     args.seed)
         results[handling] = {"top1": acc, **describe(final[handling], side, low),
                              "moved": float((final[handling] - init["pos_embed"]).norm() / init["pos_embed"].norm())}
     for a, b in (("fourier", "official"), ("resize", "official"), ("fourier", "resize")):
