@@ -156,9 +156,14 @@ def build_optimizer(model, optim_cfg: Any, device_type: str):
 
 
 def build_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int, seed: int):
-    """timm's scheduler stepped once per epoch with ``step(epoch + 1)`` (see README: fidelity)."""
+    """timm's scheduler stepped once per epoch with ``step(epoch + 1)`` (see README: fidelity), or, with
+    ``sched_on_updates``, lr_schedule's scheduler stepped after every optimizer update."""
     from timm.scheduler import create_scheduler_v2
 
+    if getattr(optim_cfg, "sched_on_updates", False):
+        import lr_schedule
+
+        return lr_schedule.build_update_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)
     try:
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=optim_cfg.sched, num_epochs=epochs, decay_epochs=optim_cfg.decay_epochs,

@@ -96,7 +96,9 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, An
                     max_norm: Optional[float] = None, model_ema: Optional[Any] = None,
                     mixup_fn: Optional[Callable] = None, grad_accum_steps: int = 1,
                     set_training_mode: bool = True, print_freq: int = 10,
-                    ema_source: Optional[nn.Module] = None) -> Dict[str, float]:
+                    ema_source: Optional[nn.Module] = None,
+                    downsample: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    on_update: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
     """One pass over ``data_loader`` of (samples [B, 3, H, W], targets). ``criterion(samples, outputs,
     targets)`` returns the scalar loss; targets may be a tuple the criterion understands.
 
@@ -106,6 +108,8 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, An
     gradients are all-reduced on the stepping micro-batch only.
     Returns {'loss', 'lr', 'img_per_s', 'epoch_time', 'images', 'optimizer_steps'}; the loss is the mean over
     iterations and ranks. Raises NonFiniteLossError on every rank together.
+    ``downsample`` maps each batch on the device before mixup (a curriculum's frequency crop);
+    ``on_update(n)`` runs after the epoch's n-th optimizer update (a per-update lr schedule).
     """
     model.train(set_training_mode)
     accum = max(int(grad_accum_steps), 1)
@@ -120,6 +124,8 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, An
     for it, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device, non_blocking=True)
         targets = move_to(targets, device)
+        if downsample is not None:
+            samples = downsample(samples)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         group_start = it - it % accum
@@ -134,6 +140,8 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, Any, An
         if steps_now:
             _optimizer_step(optimizer, scaler, max_norm)
             steps += 1
+            if on_update is not None:
+                on_update(steps)
             if model_ema is not None:
                 model_ema.update(ema_source if ema_source is not None else model)
         images += samples.shape[0] * world

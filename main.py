@@ -109,6 +109,10 @@ def _add_schedule(parser: argparse.ArgumentParser) -> None:
                    help="epochs at --min-lr after the schedule ends (default: 10)")
     g.add_argument("--patience-epochs", type=int, default=10, metavar="N",
                    help="plateau scheduler: epochs without progress before a decay (default: 10)")
+    g.add_argument("--sched-on-updates", action="store_true",
+                   help="step the schedule after every optimizer update instead of every epoch; cosine then is "
+                        "EfficientTrain/BEiT's per-iteration cosine_scheduler (warm-up from --warmup-lr reaching "
+                        "--lr at the last warm-up update, cosine over the remaining updates to --min-lr)")
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE",
                    help="step/plateau schedulers: lr factor per decay (default: 0.1)")
 
@@ -142,6 +146,10 @@ def _add_augmentation(parser: argparse.ArgumentParser) -> None:
                    help="in smaller-input phases, multiply the micro-batch by (final/phase size)^2 (rounded, a "
                         "divisor of --grad-accum-steps) and divide the accumulation steps by the same factor: "
                         "same global batch, fewer and fuller steps (EfficientTrain's 2x at 160 px)")
+    g.add_argument("--curriculum-downsample", default="fourier", choices=["fourier", "resize"],
+                   help="how a smaller phase gets its images: fourier = EfficientTrain's (augment at --input-size, "
+                        "then keep the lowest frequencies on the device, toe.curriculum.frequency_crop); resize = "
+                        "the loader crops straight to the phase size (default: fourier)")
 
 
 def _add_mixup(parser: argparse.ArgumentParser) -> None:

@@ -149,8 +149,11 @@ class Trainer:
         self.criterion = self.recipe.criterion(self.teacher, self.mixup_fn is not None)
         self.optimizer = builders.build_optimizer(self.plain_model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        updates = max(len(self.train_loader) // cfg.run.grad_accum_steps, 1)
-        self.lr_scheduler = builders.build_scheduler(self.optimizer, cfg.optim, cfg.run.epochs, updates, cfg.run.seed)
+        # the engine's optimizer updates per epoch at the unscaled micro-batch (the last group may be shorter)
+        micro_batches = len(self.sampler) // cfg.data.batch_size
+        self.updates_per_epoch = max(-(-micro_batches // cfg.run.grad_accum_steps), 1)
+        self.lr_scheduler = builders.build_scheduler(self.optimizer, cfg.optim, cfg.run.epochs, self.updates_per_epoch,
+                                                     cfg.run.seed)
 
     def _phase_augment(self, epoch: int):
         import datasets
@@ -158,8 +161,37 @@ class Trainer:
         aug, curriculum = self.cfg.data.aug, self.cfg.curriculum
         if curriculum is None:
             return aug
-        return aug.with_train_stage(curriculum.input_size(epoch),
+        # fourier: the loader augments at the final size; the device crops to the phase size (_downsample)
+        size = self.cfg.model.input_size if curriculum.downsample == "fourier" else curriculum.input_size(epoch)
+        return aug.with_train_stage(size,
                                     datasets.aa_with_magnitude(aug.aa, curriculum.magnitude(epoch)))
+
+    def _phase_size(self, epoch: int) -> int:
+        """The input size the model trains on at ``epoch``."""
+        curriculum = self.cfg.curriculum
+        return self.cfg.model.input_size if curriculum is None else curriculum.input_size(epoch)
+
+    def _downsample(self, epoch: int):
+        """The device-side reduction of a fourier curriculum's batches at ``epoch``, or None."""
+        size = self._phase_size(epoch)
+        if self.cfg.curriculum is None or self.cfg.curriculum.downsample != "fourier" or \
+                size == self.cfg.model.input_size:
+            return None
+        from functools import partial
+
+        from toe.curriculum import frequency_crop
+
+        return partial(frequency_crop, size=size)
+
+    def _update_hook(self, epoch: int):
+        """--sched-on-updates: set the lr of the epoch's first update, and return the engine's per-update step.
+        Indices restart from epoch x updates_per_epoch every epoch, so a resume, or a phase whose micro-batch
+        layout gives one update more or less, stays on the same curve."""
+        if not self.cfg.optim.sched_on_updates:
+            return None
+        first = epoch * self.updates_per_epoch
+        self.lr_scheduler.step_update(first)
+        return lambda done: self.lr_scheduler.step_update(first + done)
 
     def _batch_scale(self, epoch: int) -> int:
         """--curriculum-batch-scale: the factor f by which a low-resolution phase's micro-batch grows while
@@ -309,7 +341,8 @@ class Trainer:
                     model_ema=self.model_ema, mixup_fn=self.mixup_fn,
                     grad_accum_steps=cfg.run.grad_accum_steps // self._batch_scale(epoch),
                     set_training_mode=cfg.run.train_mode, print_freq=cfg.run.print_freq,
-                    ema_source=self.plain_model)
+                    ema_source=self.plain_model, downsample=self._downsample(epoch),
+                    on_update=self._update_hook(epoch))
             except engine.NonFiniteLossError as e:
                 return self._non_finite(e)
             tokens = self._measured_tokens(epoch)
@@ -360,7 +393,7 @@ class Trainer:
 
     def _measured_tokens(self, epoch: int) -> int:
         """Patch tokens after ToE in the last training forward (measured, not predicted)."""
-        size = self._phase_augment(epoch).input_size
+        size = self._phase_size(epoch)
         patches = self.num_patches if size == self.cfg.model.input_size else (size // self.patch_size) ** 2
         if self.cfg.toe is None:
             return patches
@@ -371,13 +404,12 @@ class Trainer:
 
     def _log_row(self, epoch: int, stats: Dict[str, Any], evaluation: Dict[str, Any], tokens: int) -> Dict[str, Any]:
         cfg = self.cfg
-        aug = self._phase_augment(epoch)
         stage = cfg.toe.schedule.stage(epoch) if cfg.toe is not None else None
-        flops = self.gflops.get(aug.input_size, {})
+        flops = self.gflops.get(self._phase_size(epoch), {})
         row: Dict[str, Any] = {
             "train_loss": stats["loss"], "train_lr": stats["lr"], "toe_stage": stage,
             "toe_keep_rate": cfg.toe.schedule.keep_rate(epoch) if cfg.toe is not None else 1.0,
-            "toe_tokens": tokens, "num_patches": self.num_patches, "train_input_size": aug.input_size,
+            "toe_tokens": tokens, "num_patches": self.num_patches, "train_input_size": self._phase_size(epoch),
             "epoch_time": stats["epoch_time"], "train_img_per_s": stats["img_per_s"], **evaluation,
             "max_accuracy": self.max_accuracy, "n_parameters": self.n_parameters,
             "gflops_per_iter": flops.get("per_stage", {}).get(stage, flops.get("baseline")),

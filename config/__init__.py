@@ -9,6 +9,7 @@ real patch count (a meta-device build). Every later module receives plain values
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class OptimConfig:
     lr_noise: Any
     lr_noise_pct: float
     lr_noise_std: float
+    sched_on_updates: bool = False  # step per optimizer update (lr_schedule.py)
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,8 @@ def _optim(args: argparse.Namespace, global_batch: int) -> OptimConfig:
     return OptimConfig(args.opt, lr, args.opt_eps, tuple(args.opt_betas) if args.opt_betas else None, args.momentum,
                        args.weight_decay, args.clip_grad, args.opt_impl, args.sched, args.warmup_lr, args.min_lr,
                        args.warmup_epochs, args.cooldown_epochs, args.decay_epochs, args.patience_epochs,
-                       args.decay_rate, noise, args.lr_noise_pct, args.lr_noise_std)
+                       args.decay_rate, noise, args.lr_noise_pct, args.lr_noise_std,
+                       sched_on_updates=args.sched_on_updates)
 
 
 def _device_and_amp(args: argparse.Namespace) -> Tuple[str, str]:
@@ -289,10 +292,17 @@ def _curriculum(args: argparse.Namespace, patch_size: int):
 
     try:
         if args.curriculum_table:
-            return Curriculum.parse(args.curriculum_table, patch_size=patch_size)
-        return Curriculum.efficienttrain(epochs=args.epochs, final_size=args.input_size, patch_size=patch_size)
+            curriculum = Curriculum.parse(args.curriculum_table, patch_size=patch_size)
+        else:
+            curriculum = Curriculum.efficienttrain(epochs=args.epochs, final_size=args.input_size,
+                                                   patch_size=patch_size)
+        curriculum = dataclasses.replace(curriculum, downsample=args.curriculum_downsample)
     except ValueError as e:
         raise UsageError(f"--curriculum: {e}") from None
+    if curriculum.downsample == "fourier" and curriculum.odd_sizes():
+        raise UsageError(f"--curriculum-downsample fourier keeps size/2 frequencies each way, so every phase size "
+                         f"must be even, got {curriculum.odd_sizes()}; use even sizes or --curriculum-downsample resize")
+    return curriculum
 
 
 def _resolve(args: argparse.Namespace) -> Config:
@@ -337,7 +347,8 @@ def _resolve(args: argparse.Namespace) -> Config:
 # flags whose change makes a resumed run a different experiment; it stops unless --resume-changed-ok
 BLOCKING_CHANGES = ("model", "model_kwargs", "patch_size", "input_size", "toe_r1", "toe_ng", "toe_k", "toe_r0",
                     "toe_layer", "toe_distance", "toe_init", "toe_no_expand", "toe_no_merge", "toe_epochs",
-                    "toe_stage_epochs", "toe_sparse_eval", "toe_compat", "curriculum", "curriculum_table")
+                    "toe_stage_epochs", "toe_sparse_eval", "toe_compat", "curriculum", "curriculum_table",
+                    "curriculum_downsample", "sched_on_updates")
 # flags that may change (a longer schedule, another batch), with a notice in the output and in log.txt
 NOTED_CHANGES = ("epochs", "lr", "batch_size", "grad_accum_steps", "global_batch", "unscale_lr",
                  "curriculum_batch_scale")

@@ -17,9 +17,10 @@
 #   AMP                --amp of every run (default fp16: DeiT and LV-ViT trained with fp16 autocast;
 #                      bf16 is the safer choice on A100/H100).
 #   WORKERS            data-loader workers per GPU (default 10, DeiT's).
-#   TOE_COMPAT         none (default) or official: --toe-compat of the runs that reproduce tables published
-#                      with the official ToE code (Table 3, Table 2's DeiT-base r1 = 0.4 row); official runs
-#                      write to <name>_official. Table 9 always runs both.
+#   TOE_COMPAT         none or official: --toe-compat of the runs that reproduce tables published with the
+#                      official ToE code (Table 2's DeiT-base r1 = 0.4 row and Table 4's ToE runs: default
+#                      official; Table 3: default none); official runs write to <name>_official. none runs the
+#                      paper's equations. Table 9 always runs both.
 #   ONLY               bash regex; only runs whose "table<t>/<name>" matches are launched.
 #   PYTHON             python interpreter (default python).  TORCHRUN  launcher (default torchrun).
 # Modes:
@@ -55,6 +56,7 @@ ONLY="${ONLY:-}"
 PYTHON="${PYTHON:-python}"
 TORCHRUN="${TORCHRUN:-torchrun}"
 OUT="${OUT:-runs}"
+TOE_COMPAT_GIVEN="${TOE_COMPAT:-}"  # empty: each script's own default (toe_compat_or)
 TOE_COMPAT="${TOE_COMPAT:-none}"
 
 for _v in NGPUS NNODES MAX_BATCH_PER_GPU MASTER_PORT; do
@@ -364,6 +366,9 @@ deit_run() {
     deit_imagenet_args
     launch "$table" "$name" 1024 --model "$model" "${DEIT_ARGS[@]}" "$@"
 }
+
+# toe_compat_or DEFAULT: TOE_COMPAT as the user set it, else the script's DEFAULT (printed)
+toe_compat_or() { printf '%s' "${TOE_COMPAT_GIVEN:-$1}"; }
 
 # compat_suffix COMPAT: the run-name suffix of a --toe-compat variant ("" for none, "_official")
 compat_suffix() { [[ "$1" == none ]] || printf '_%s' "$1"; }

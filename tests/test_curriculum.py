@@ -124,3 +124,102 @@ def test_importing_the_curriculum_needs_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+# ------------------------------------------------------------------------------------ frequency_crop
+def _crop_by_definition(images, size):
+    """EfficientTrain's definition step by step: fft2, copy the four corner blocks of size // 2 into an empty
+    size x size spectrum, scale by (size / H)^2, ifft2, real part."""
+    import torch
+
+    half, side = size // 2, images.shape[-1]
+    spectrum = torch.fft.fft2(images)
+    low = torch.zeros(*images.shape[:2], size, size, dtype=spectrum.dtype)
+    low[..., :half, :half] = spectrum[..., :half, :half]
+    low[..., :half, size - half:] = spectrum[..., :half, side - half:]
+    low[..., size - half:, :half] = spectrum[..., side - half:, :half]
+    low[..., size - half:, size - half:] = spectrum[..., side - half:, side - half:]
+    return torch.fft.ifft2(low * (size / side) ** 2).real
+
+
+def _crop_by_fftshift(images, size):
+    """Independent route: centre the spectrum (zero frequency at index H // 2), cut the central size x size
+    window (frequencies -size/2 .. size/2 - 1), un-centre it and invert; numpy in float64."""
+    import numpy as np
+
+    x = images.double().numpy()
+    side = x.shape[-1]
+    centred = np.fft.fftshift(np.fft.fft2(x), axes=(-2, -1))
+    lo = side // 2 - size // 2
+    window = centred[..., lo:lo + size, lo:lo + size]
+    out = np.fft.ifft2(np.fft.ifftshift(window, axes=(-2, -1))).real * (size / side) ** 2
+    return out
+
+
+@pytest.mark.parametrize("side,size", [(64, 48), (64, 56), (224, 160), (224, 192), (9, 4), (32, 32), (8, 2)])
+def test_frequency_crop_matches_the_definition_and_the_fftshift_route(side, size):
+    import numpy as np
+    import torch
+
+    from toe.curriculum import frequency_crop
+
+    g = torch.Generator().manual_seed(side * 1000 + size)
+    images = torch.rand(2, 3, side, side, generator=g)
+    out = frequency_crop(images, size)
+    assert out.shape == (2, 3, size, size) and out.dtype == torch.float32
+    torch.testing.assert_close(out, _crop_by_definition(images, size), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), _crop_by_fftshift(images, size), rtol=1e-5, atol=1e-5)
+
+
+def test_frequency_crop_keeps_constants_and_low_frequencies():
+    import math
+
+    import torch
+
+    from toe.curriculum import frequency_crop
+
+    constant = torch.full((1, 3, 64, 64), 0.37)
+    torch.testing.assert_close(frequency_crop(constant, 48), torch.full((1, 3, 48, 48), 0.37), rtol=0, atol=1e-6)
+    # a cosine of 3 cycles per image is below the cut-off: sampled at 48 px it is the same cosine
+    grid = torch.arange(64) / 64
+    wave = torch.cos(2 * math.pi * 3 * grid)[None, None, :, None].expand(1, 1, 64, 64)
+    expected = torch.cos(2 * math.pi * 3 * torch.arange(48) / 48)[None, None, :, None].expand(1, 1, 48, 48)
+    torch.testing.assert_close(frequency_crop(wave, 48), expected, rtol=0, atol=1e-5)
+    # half precision comes back as fp32, equal to the fp32 crop of the same values
+    half = torch.rand(1, 3, 32, 32).half()
+    torch.testing.assert_close(frequency_crop(half, 16), frequency_crop(half.float(), 16))
+
+
+@pytest.mark.parametrize("size,match", [(47, "size must be an even integer in \\[2, 64\\]"), (0, "size"),
+                                        (66, "size"), (48.0, "size"), (True, "size")])
+def test_frequency_crop_refuses_bad_sizes(size, match):
+    import torch
+
+    from toe.curriculum import frequency_crop
+
+    with pytest.raises(ValueError, match=match):
+        frequency_crop(torch.zeros(1, 3, 64, 64), size)
+
+
+def test_frequency_crop_refuses_non_square_images():
+    import torch
+
+    from toe.curriculum import frequency_crop
+
+    with pytest.raises(ValueError, match=r"images must be a \[B, C, H, H\] tensor \(square\), got \(1, 3, 64, 48\)"):
+        frequency_crop(torch.zeros(1, 3, 64, 48), 32)
+    with pytest.raises(ValueError, match="images"):
+        frequency_crop(torch.zeros(3, 64, 64), 32)
+
+
+def test_downsample_mode_of_the_curriculum():
+    c = Curriculum.efficienttrain(300, 224, 16)
+    assert c.downsample == "fourier"
+    import dataclasses
+
+    assert dataclasses.replace(c, downsample="resize").downsample == "resize"
+    with pytest.raises(ValueError, match="downsample must be one of fourier, resize"):
+        dataclasses.replace(c, downsample="bilinear")
+    # an odd phase size cannot be a Fourier crop (the training entry refuses it); the table itself is valid
+    assert Curriculum((Phase(0, 21, 1), Phase(2, 28, 9)), 7).odd_sizes() == [21]
+    assert Curriculum.efficienttrain(300, 224, 16).odd_sizes() == []

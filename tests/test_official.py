@@ -182,3 +182,25 @@ def test_against_released_token_select():
             nearest = gaps.argmin(dim=1)
             assert sorted(nearest.tolist()) == list(range(ours.shape[1])), distance
             assert gaps.min(dim=1).values.max() < 1e-4, distance
+
+
+@pytest.mark.parametrize("patches", [196, 144, 64, 49])
+def test_both_modes_coincide_at_the_default_rates(patches):
+    """r1 = 0.5, r0 = 0.25 (the paper's default, Tables 2 and 5-8): seeds at every 4th position and the
+    per-stage counts agree, so --toe-compat none and official select and merge the same tokens. This is not
+    a property of r0 = r1 / 2 in general: r1 = 0.4 / r0 = 0.2 and r1 = 0.6 / r0 = 0.3 differ at 196 tokens."""
+    x = torch.randn(2, 1 + patches, 8, generator=torch.Generator().manual_seed(patches), dtype=torch.float64)
+
+    def same(r1: float) -> bool:
+        schedule = toe.Schedule(r1=r1, r0=r1 / 2, ng=3, k=2, epochs=3)
+        for stage in (1, 2):
+            rates = list(schedule.rates(stage))
+            a = toe.token_expansion(x, rates, 2, num_prefix_tokens=1, compat="none", return_assignment=True)
+            b = toe.token_expansion(x, rates, 2, num_prefix_tokens=1, compat="official", return_assignment=True)
+            if a[0].shape != b[0].shape or not all(torch.equal(u, v) for u, v in zip(a, b)):
+                return False
+        return True
+
+    assert same(0.5)
+    if patches == 196:
+        assert not same(0.4) and not same(0.6)

@@ -101,8 +101,10 @@ def test_dry_run_table2_matches_the_paper_setting():
         if args.toe_r1 is not None:
             assert (args.toe_ng, args.toe_k, args.toe_layer, args.toe_epochs) == (3, 2, 1, 300)
             assert math.isclose(args.toe_r0, args.toe_r1 / 2)
+            # the DeiT-base r1 = 0.4 row was published from the official code: official op by default
+            compat = "official" if args.toe_r1 == 0.4 else "none"
             assert (args.toe_distance, args.toe_init, args.toe_no_expand, args.toe_no_merge, args.toe_compat) == \
-                ("cosine", "spatial", False, False, "none")
+                ("cosine", "spatial", False, False, compat)
             assert "--toe-compat" in cmd  # spelled out, not left to the default
         seen.add((args.model, args.toe_r1))
         assert args.output_dir.startswith("/runs/out/table2/")
@@ -114,11 +116,21 @@ def test_dry_run_table2_matches_the_paper_setting():
 
 
 def test_toe_compat_official_switch():
-    default, official = _dry_commands("table2_deit"), _dry_commands("table2_deit", TOE_COMPAT="official")
-    assert default[:-1] == official[:-1]  # only DeiT-base r1 = 0.4 changes
-    assert _flag(default[-1], "--toe-compat") == "none" and _flag(official[-1], "--toe-compat") == "official"
-    assert _flag(official[-1], "--output_dir").endswith("/table2/deit_base_toe_r1_0.4_official")
-    assert _parse_main(official[-1]).toe_compat == "official"
+    default, none = _dry_commands("table2_deit"), _dry_commands("table2_deit", TOE_COMPAT="none")
+    assert default == _dry_commands("table2_deit", TOE_COMPAT="official")  # official is Table 2's default
+    assert default[:-1] == none[:-1]  # only DeiT-base r1 = 0.4 changes: replaced, not added (7 runs)
+    assert len(default) == len(none) == 7
+    assert _flag(default[-1], "--toe-compat") == "official" and _flag(none[-1], "--toe-compat") == "none"
+    assert _flag(default[-1], "--output_dir").endswith("/table2/deit_base_toe_r1_0.4_official")
+    assert _flag(none[-1], "--output_dir").endswith("/table2/deit_base_toe_r1_0.4")
+    assert _parse_main(default[-1]).toe_compat == "official"
+
+    t4, t4_none = _dry_commands("table4_efficienttrain"), _dry_commands("table4_efficienttrain", TOE_COMPAT="none")
+    assert t4 == _dry_commands("table4_efficienttrain", TOE_COMPAT="official") and len(t4) == len(t4_none) == 6
+    for cmds, compat, suffix in ((t4, "official", "_official"), (t4_none, "none", "")):
+        toe_runs = [c for c in cmds if _flag(c, "--toe-r1")]
+        assert [_flag(c, "--toe-compat") for c in toe_runs] == [compat, compat]
+        assert all(_flag(c, "--output_dir").endswith(f"_efficienttrain_toe_r1_0.6{suffix}") for c in toe_runs)
 
     for env, compat, loss, suffix in (({}, "none", "merged", ""), ({"TOE_COMPAT": "official"}, "official", "zero",
                                                                       "_official")):
@@ -129,6 +141,34 @@ def test_toe_compat_official_switch():
             assert (_flag(c, "--toe-compat"), _flag(c, "--toe-dense-loss")) == (compat, loss)
             assert _flag(c, "--output_dir").endswith(f"_toe_r1_0.4{suffix}")
         assert all(_flag(c, "--toe-compat") is None for c in t3 if not _flag(c, "--toe-r1"))
+
+
+def test_dry_run_table4_is_the_official_efficienttrain_recipe():
+    cmds = _dry_commands("table4_efficienttrain", NGPUS="8")
+    assert len(cmds) == 6
+    names = [_flag(c, "--output_dir").rsplit("/", 1)[1] for c in cmds]
+    assert names == [f"deit_{s}_{run}" for s in ("tiny", "small")
+                     for run in ("baseline", "efficienttrain", "efficienttrain_toe_r1_0.6_official")]
+    for cmd, name in zip(cmds, names):
+        args = _parse_main(cmd)
+        global_batch = args.batch_size * 8 * args.grad_accum_steps
+        assert global_batch == 4096 and math.isclose(args.lr * global_batch / 512, 4e-3) and not args.unscale_lr
+        assert (args.epochs, args.clip_grad, args.opt, args.weight_decay, args.drop_path) == \
+            (300, 5.0, "adamw", 0.05, 0.1)
+        # the official EfficientTrain + ToE code: no repeated augmentation, no EMA, lr per iteration from 0 to
+        # the peak over 20 epochs, then cosine down to 1e-6
+        assert not args.repeated_aug and not args.model_ema
+        assert "--ra-reps" not in cmd and "--model-ema-decay" not in cmd and "--repeated-aug" not in cmd
+        assert args.sched_on_updates and args.sched == "cosine"
+        assert (args.warmup_epochs, args.warmup_lr, args.min_lr) == (20, 0.0, 1e-6)
+        if name.endswith("baseline"):
+            assert args.curriculum == "none" and args.toe_r1 is None
+            continue
+        assert (args.curriculum, args.curriculum_downsample, args.curriculum_batch_scale) == \
+            ("efficienttrain", "fourier", True)
+        if args.toe_r1 is not None:
+            assert (args.toe_r1, args.toe_r0, args.toe_ng, args.toe_k, args.toe_layer) == (0.6, 0.3, 3, 2, 1)
+            assert (args.toe_stage_epochs, args.toe_epochs, args.toe_compat) == (["0", "100", "200"], 300, "official")
 
 
 def test_dry_run_table3_lvvit_recipe():
@@ -248,7 +288,7 @@ NOT_SPELLED = {
             "model_kwargs", "patch_size"},
     "off": {"ThreeAugment", "attn_only", "bce_loss", "clip_grad", "cutmix_minmax", "curriculum_table", "lr_noise",
             "opt_betas", "resplit", "src", "toe_stage_epochs", "toe_sparse_eval", "token_label_gt", "toe_no_expand",
-            "toe_no_merge", "unscale_lr", "token_label", "finetune", "curriculum_batch_scale"},
+            "toe_no_merge", "unscale_lr", "token_label", "finetune", "curriculum_batch_scale", "sched_on_updates"},
     "unused": {"lr_noise_pct", "lr_noise_std", "distillation_alpha", "distillation_tau", "teacher_model",
                "teacher_model_kwargs", "teacher_path"},
     "token_label_only": {"cls_weight", "dense_weight", "mix_token", "token_label_data", "token_label_size",
@@ -277,6 +317,10 @@ def test_every_recipe_flag_is_spelled_out():
                 allowed.add("opt_eps")
             if "--no-repeated-aug" in cmd:
                 allowed.add("ra_reps")
+            if "--no-model-ema" in cmd:
+                allowed.add("model_ema_decay")
+            if _flag(cmd, "--curriculum") == "none":
+                allowed.add("curriculum_downsample")
             assert dests - given - allowed == set(), (script, _flag(cmd, "--output_dir"))
 
 

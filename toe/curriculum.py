@@ -8,18 +8,25 @@ size. ToE's stages (``toe.Schedule``) run on top of it, independently: phases an
 EfficientTrain's published table: five equal phases; sizes 5/7, 5/7, 5/7, 6/7 and 7/7 of the final size
 (160, 160, 160, 192, 224 for 224); magnitudes 1, 3, 5, 7, 9.
 
-Like ``toe.Schedule`` this module needs no torch.
+How an image reaches the phase size is the curriculum's ``downsample``: ``"fourier"`` (EfficientTrain's own
+method: augment at the final size, then keep the lowest frequencies on the device with
+:func:`frequency_crop`) or ``"resize"`` (the loader crops and resizes straight to the phase size).
+
+Like ``toe.Schedule`` the tables need no torch; :func:`frequency_crop` imports it on first use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
-__all__ = ["Phase", "Curriculum", "EFFICIENTTRAIN_SIZES", "EFFICIENTTRAIN_MAGNITUDES"]
+__all__ = ["Phase", "Curriculum", "EFFICIENTTRAIN_SIZES", "EFFICIENTTRAIN_MAGNITUDES", "DOWNSAMPLE_MODES",
+           "frequency_crop"]
 
 # EfficientTrain's phases as (numerator, denominator) fractions of the final size, and the magnitudes.
 EFFICIENTTRAIN_SIZES: Tuple[Tuple[int, int], ...] = ((5, 7), (5, 7), (5, 7), (6, 7), (7, 7))
 EFFICIENTTRAIN_MAGNITUDES: Tuple[int, ...] = (1, 3, 5, 7, 9)
+# how a phase's images reach its size (see the module docstring); the first is the default
+DOWNSAMPLE_MODES: Tuple[str, ...] = ("fourier", "resize")
 
 
 def _is_int(value: object) -> bool:
@@ -44,12 +51,16 @@ class Curriculum:
         phases: the phases in order; the first starts at epoch 0, starts strictly increase, and the last
             phase lasts until the end of training.
         patch_size: every input size must be a multiple of it (a ViT sees whole patches only).
+        downsample: ``"fourier"`` (the loader yields final-size images, :func:`frequency_crop` reduces them
+            on the device, which needs even phase sizes: see :meth:`odd_sizes`) or ``"resize"`` (the loader
+            yields phase-size images). It does not change the table or any lookup.
 
-    Raises ValueError naming ``phases`` or ``patch_size`` when the table is not valid.
+    Raises ValueError naming ``phases``, ``patch_size`` or ``downsample`` when the table is not valid.
     """
 
     phases: Tuple[Phase, ...]
     patch_size: int = 1
+    downsample: str = DOWNSAMPLE_MODES[0]
 
     def __post_init__(self) -> None:
         if not _is_int(self.patch_size) or self.patch_size < 1:
@@ -70,6 +81,8 @@ class Curriculum:
             raise ValueError(f"phases must start at epoch 0, got starts {starts}")
         if any(b <= a for a, b in zip(starts, starts[1:])):
             raise ValueError(f"phases must start at strictly increasing epochs, got starts {starts}")
+        if self.downsample not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_MODES)}, got {self.downsample!r}")
         object.__setattr__(self, "phases", phases)
 
     # ------------------------------------------------------------------------------------- constructors
@@ -158,6 +171,42 @@ class Curriculum:
         ends = [p.start_epoch for p in self.phases[1:]] + [epochs]
         return [max(0, min(end, epochs) - p.start_epoch) for p, end in zip(self.phases, ends)]
 
+    def odd_sizes(self) -> Sequence[int]:
+        """Phase sizes :func:`frequency_crop` cannot produce (it keeps size // 2 frequencies each way)."""
+        return sorted({p.input_size for p in self.phases if p.input_size % 2})
+
     def to_table(self) -> str:
         """The ``start:size:magnitude,...`` form that :meth:`parse` reads."""
         return ",".join(f"{p.start_epoch}:{p.input_size}:{p.magnitude}" for p in self.phases)
+
+
+def frequency_crop(images: "torch.Tensor", size: int) -> "torch.Tensor":
+    """EfficientTrain's low-pass down-sampling: ``[B, C, H, H]`` -> ``[B, C, size, size]``.
+
+    Keeps the ``size x size`` lowest spatial frequencies of each image: in the unshifted 2-D spectrum these
+    are the four corner blocks of ``size // 2`` rows and columns (frequencies -size/2 .. size/2 - 1 each
+    way). They are scaled by ``(size / H)^2`` (the ratio of the two inverse-FFT normalisations, so a
+    constant image keeps its value) and transformed back; the real part is returned, in fp32 for
+    half-precision input.
+
+    Args:
+        images: ``[B, C, H, H]`` real images (square).
+        size: even output side, 2 <= size <= H.
+
+    Raises ValueError naming ``images`` or ``size`` when the shapes do not fit.
+    """
+    import torch
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] != images.shape[-2]:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [B, C, H, H] tensor (square), got {shape}")
+    side = images.shape[-1]
+    if not _is_int(size) or size < 2 or size % 2 or size > side:
+        raise ValueError(f"size must be an even integer in [2, {side}] (the input side), got {size!r}")
+    if images.dtype in (torch.float16, torch.bfloat16):
+        images = images.float()  # torch's FFT needs fp32 for sizes that are not powers of two
+    half = size // 2
+    spectrum = torch.fft.fft2(images)
+    low = torch.cat([spectrum[..., :half, :], spectrum[..., side - half:, :]], dim=-2)  # lowest rows, both signs
+    low = torch.cat([low[..., :half], low[..., side - half:]], dim=-1)                # lowest columns, both signs
+    return torch.fft.ifft2(low * (size / side) ** 2).real
