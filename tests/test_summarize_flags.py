@@ -130,7 +130,7 @@ def test_sparse_eval_runs_stay_out_of_the_paper_tables(summarize, tmp_path, caps
 
 
 def test_runs_resumed_with_changes_are_mixtures(summarize, tmp_path, capsys):
-    t2 = dry_commands("table2_deit")
+    t2 = dry_commands("table2_deit", TOE_COMPAT="none")  # the paper's equations: the run is deit_base_toe_r1_0.4
     mixed = script_run(tmp_path, t2, "table2/deit_base_toe_r1_0.4", [80.0], extra_lines=[
         json.dumps({"resumed_with_changes": {"toe_r1": [0.5, 0.4]}, "epoch": 3})])
     # a resume that only split the same global batch differently trained the same recipe
