@@ -21,7 +21,7 @@ MixToken (``mix_token=True``, training with ``return_dense``): a box on the patc
 (sample b gets sample B-1-b's patches there). Afterwards the aux logits (and the mask) are un-mixed the
 same way, so aux position (b, i) again describes sample b's own content at i and is supervised by
 sample b's own dense label. The class target must be mixed by the loss with lam = 1 - box area / M
-(see ``token_label.TokenLabelCrossEntropy``).
+(see ``token_label.loss.TokenLabelCrossEntropy``).
 
 Token Expansion (``toe.apply(model, schedule)``): the model exposes ``blocks`` and
 ``num_prefix_tokens`` (= 1), so the ``toe`` pre-hook on ``blocks[layer]`` reduces the sequence in
