@@ -176,8 +176,9 @@ def _randaugment_hparams(input_size: int, mean: Sequence[float], interpolation: 
 class TokenLabelTransform:
     """Training transform of (PIL image, label map [2, K, H, W], class index) for token labeling.
 
-    Random resized crop -> horizontal flip -> label-aware RandAugment (``auto_augment`` "rand-...") or, with
-    no auto-augment, colour jitter -> ToTensor -> Normalize -> random erasing (image only).
+    Horizontal flip -> label-aware RandAugment (``auto_augment`` "rand-...") or, with no auto-augment, colour
+    jitter, both on the whole image -> random resized crop -> ToTensor -> Normalize -> random erasing (image
+    only), TokenLabeling's order (module docstring).
     Returns (image [3, input_size, input_size], label tensors):
       target="reference": (dense map [2, K_out, S, S], crop-pooled class map [2, K*H*W, 1, 1]) with
         K_out = ``dense_slots(K, H, W, S)``, zero-filled logit semantics (module docstring);
@@ -225,6 +226,14 @@ class TokenLabelTransform:
                  ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         k, map_h, map_w = label_map.shape[1:]
         classes, maps, fill = self._maps(label_map, class_index)
+        # TokenLabeling's order: flip and RandAugment the whole image and its map, then crop both
+        if self.hflip > 0 and random.random() < self.hflip:
+            img = TF.hflip(img)
+            maps = maps.flip(-1)
+        if self.rand_augment is not None:
+            img, maps = self.rand_augment(img, maps, fill)
+        elif self.color_jitter is not None:
+            img = self.color_jitter(img)
         img_w, img_h = img.size
         box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
         interp = self.crop.interpolation
@@ -232,13 +241,6 @@ class TokenLabelTransform:
             interp = random.choice(interp)
         img = TF.resized_crop(img, *box, [self.input_size, self.input_size], interp)
         dense = crop_dense_map(maps, box, (img_h, img_w), self.label_size)
-        if self.hflip > 0 and random.random() < self.hflip:
-            img = TF.hflip(img)
-            dense = dense.flip(-1)
-        if self.rand_augment is not None:
-            img, dense = self.rand_augment(img, dense, fill)
-        elif self.color_jitter is not None:
-            img = self.color_jitter(img)
         x = self.normalize(img)
         if self.erase is not None:
             x = self.erase(x)
