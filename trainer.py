@@ -150,7 +150,8 @@ class Trainer:
         self.optimizer = builders.build_optimizer(self.plain_model, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         updates = max(len(self.train_loader) // cfg.run.grad_accum_steps, 1)
-        self.lr_scheduler = builders.build_scheduler(self.optimizer, cfg.optim, cfg.run.epochs, updates, cfg.run.seed)
+        self.lr_scheduler = builders.build_scheduler(self.optimizer, cfg.optim, cfg.run.schedule_epochs or cfg.run.epochs,
+                                                    updates, cfg.run.seed)
 
     def _phase_augment(self, epoch: int):
         import datasets
