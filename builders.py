@@ -158,14 +158,27 @@ def build_optimizer(model, optim_cfg: Any, device_type: str):
 def build_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int, seed: int):
     """timm's scheduler stepped once per epoch with ``step(epoch + 1)`` (see README: fidelity), or, with
     ``sched_on_updates``, lr_schedule's scheduler stepped after every optimizer update."""
-    from timm.scheduler import create_scheduler_v2
-
     if getattr(optim_cfg, "sched_on_updates", False):
         import lr_schedule
 
         return lr_schedule.build_update_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)
+    return _timm_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)[0]
+
+
+def scheduled_epochs(optim_cfg: Any, epochs: int) -> int:
+    """Epochs timm's train.py (LV-ViT's loop) trains for this schedule: timm's own count, e.g. ``epochs`` +
+    ``cooldown_epochs`` for cosine, ``epochs`` for step (a throw-away optimizer stands in for the real one)."""
+    import torch
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim_cfg.lr)
+    return int(_timm_scheduler(dummy, optim_cfg, epochs, 1, 0)[1])
+
+
+def _timm_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int, seed: int):
+    from timm.scheduler import create_scheduler_v2
+
     try:
-        scheduler, _ = create_scheduler_v2(
+        scheduler, num_epochs = create_scheduler_v2(
             optimizer, sched=optim_cfg.sched, num_epochs=epochs, decay_epochs=optim_cfg.decay_epochs,
             cooldown_epochs=optim_cfg.cooldown_epochs, patience_epochs=optim_cfg.patience_epochs,
             decay_rate=optim_cfg.decay_rate, min_lr=optim_cfg.min_lr, warmup_lr=optim_cfg.warmup_lr,
@@ -175,7 +188,7 @@ def build_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: i
         raise UsageError(f"--sched {optim_cfg.sched}: {e}") from None
     if scheduler is None:
         raise UsageError(f"unknown --sched '{optim_cfg.sched}'")
-    return scheduler
+    return scheduler, num_epochs
 
 
 def build_ema(model, model_cfg: Any):

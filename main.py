@@ -107,6 +107,8 @@ def _add_schedule(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=int, default=5, metavar="N", help="linear warm-up epochs (default: 5)")
     g.add_argument("--cooldown-epochs", type=int, default=10, metavar="N",
                    help="epochs at --min-lr after the schedule ends (default: 10)")
+    _on_off(g, "train-cooldown", False, "train past --epochs for as many epochs as timm's scheduler lasts "
+            "(cosine: + --cooldown-epochs at --min-lr), as LV-ViT's timm loop does; DeiT's stops at --epochs")
     g.add_argument("--patience-epochs", type=int, default=10, metavar="N",
                    help="plateau scheduler: epochs without progress before a decay (default: 10)")
     g.add_argument("--sched-on-updates", action="store_true",

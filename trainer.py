@@ -152,8 +152,9 @@ class Trainer:
         # the engine's optimizer updates per epoch at the unscaled micro-batch (the last group may be shorter)
         micro_batches = len(self.sampler) // cfg.data.batch_size
         self.updates_per_epoch = max(-(-micro_batches // cfg.run.grad_accum_steps), 1)
-        self.lr_scheduler = builders.build_scheduler(self.optimizer, cfg.optim, cfg.run.epochs, self.updates_per_epoch,
-                                                     cfg.run.seed)
+        self.lr_scheduler = builders.build_scheduler(self.optimizer, cfg.optim,
+                                                     cfg.run.schedule_epochs or cfg.run.epochs,
+                                                     self.updates_per_epoch, cfg.run.seed)
 
     def _phase_augment(self, epoch: int):
         import datasets

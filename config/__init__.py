@@ -138,7 +138,7 @@ class RunConfig:
     resume: str  # checkpoint path, '' for a fresh start
     resume_changed_ok: bool
     start_epoch: int
-    epochs: int
+    epochs: int  # epochs the loop trains: --epochs, + timm's cooldown with --train-cooldown
     eval_only: bool
     throughput: bool
     amp: str  # resolved: bf16 | fp16 | none
@@ -150,6 +150,7 @@ class RunConfig:
     local_rank: Optional[int]
     world_size: int
     global_batch: int
+    schedule_epochs: int = 0  # --epochs: the lr schedule's length (0: the same as ``epochs``)
 
 
 @dataclass(frozen=True)
@@ -325,17 +326,18 @@ def _resolve(args: argparse.Namespace) -> Config:
         token_label = TokenLabelConfig(args.token_label_data, args.token_label_size, args.token_label_target,
                                        args.token_label_gt, args.cls_weight, args.dense_weight, args.mix_token,
                                        args.toe_dense_loss)
+    optim = _optim(args, global_batch)
+    loop_epochs = builders.scheduled_epochs(optim, args.epochs) if args.train_cooldown else args.epochs
     run = RunConfig(args.output_dir, device, args.seed, _resume_path(args), args.resume_changed_ok,
-                    args.start_epoch, args.epochs, args.eval, args.throughput, amp, args.print_freq,
+                    args.start_epoch, loop_epochs, args.eval, args.throughput, amp, args.print_freq,
                     args.grad_accum_steps, args.curriculum_batch_scale, args.train_mode, args.dist_url,
-                    args.local_rank, world, global_batch)
+                    args.local_rank, world, global_batch, args.epochs)
     distill = DistillConfig(args.distillation_type, args.teacher_model, args.teacher_path,
                             dict(args.teacher_model_kwargs), args.distillation_alpha, args.distillation_tau)
     toe_cfg = _toe(args)
     patch = checks.check_against_model(model, toe_cfg, token_label, args.nb_classes)
     data = _data(args)
     flags = utils.plain_dict(vars(args))
-    optim = _optim(args, global_batch)
     stage_epochs = _stage_epochs(args.toe_stage_epochs)
     flags.update(amp=amp, device=device, lr_scaled=optim.lr, global_batch=global_batch,
                  eval_crop_ratio=data.aug.eval_crop_ratio,
@@ -351,7 +353,7 @@ BLOCKING_CHANGES = ("model", "model_kwargs", "patch_size", "input_size", "toe_r1
                     "curriculum_downsample", "sched_on_updates")
 # flags that may change (a longer schedule, another batch), with a notice in the output and in log.txt
 NOTED_CHANGES = ("epochs", "lr", "batch_size", "grad_accum_steps", "global_batch", "unscale_lr",
-                 "curriculum_batch_scale")
+                 "curriculum_batch_scale", "train_cooldown")
 
 
 def changes_since(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:

@@ -21,7 +21,7 @@ MixToken (``mix_token=True``, training with ``return_dense``): a box on the patc
 (sample b gets sample B-1-b's patches there). Afterwards the aux logits (and the mask) are un-mixed the
 same way, so aux position (b, i) again describes sample b's own content at i and is supervised by
 sample b's own dense label. The class target must be mixed by the loss with lam = 1 - box area / M
-(see ``token_label.TokenLabelCrossEntropy``).
+(see ``token_label.loss.TokenLabelCrossEntropy``).
 
 Token Expansion (``toe.apply(model, schedule)``): the model exposes ``blocks`` and
 ``num_prefix_tokens`` (= 1), so the ``toe`` pre-hook on ``blocks[layer]`` reduces the sequence in
@@ -32,8 +32,9 @@ token that now represents it; the aux logits are spread back to the full grid fr
   * ``toe_dense_loss='kept'``: the same gather, but ``mask`` marks only the positions whose own token was
     kept, so the loss ignores the others;
   * ``toe_dense_loss='zero'``: what the official ToE LV-ViT code does, and so what reproduces Table 3 as
-    published: kept positions get their own token's logits, every position ToE removed gets zero logits
-    (a uniform prediction) and is still supervised (no mask).
+    published: every position ToE removed gets a zero FEATURE vector after the final norm, and ``aux_head``
+    is applied to it, so its logits are ``aux_head(0)`` (= ``aux_head.bias``) and it is still supervised (no
+    mask): its loss trains the bias. Kept positions get their own token's logits.
 In 'merged' and 'kept', positions dropped by ToE with merging off (assignment -1) have no representing
 token and are masked out.
 """
@@ -326,12 +327,14 @@ class LVViT(nn.Module):
                                    "patches and no ToE assignment; a token-reduction hook must record one")
             return aux, None
         kept_index = _toe_index(self) if self.toe_dense_loss in ("kept", "zero") else None
-        return spread_to_positions(aux, assignment, self.num_prefix_tokens, self.toe_dense_loss, kept_index)
+        # 'zero': the head of a zero feature, aux_head(0) = bias for a Linear head, with its gradient path
+        fill = self.aux_head(aux.new_zeros(self.embed_dim)) if self.toe_dense_loss == "zero" else None
+        return spread_to_positions(aux, assignment, self.num_prefix_tokens, self.toe_dense_loss, kept_index, fill)
 
 
 def spread_to_positions(aux: torch.Tensor, assignment: torch.Tensor, num_prefix_tokens: int = 1,
-                        mode: str = "merged", kept_index: Optional[torch.Tensor] = None
-                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                        mode: str = "merged", kept_index: Optional[torch.Tensor] = None,
+                        fill: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Spread per-token outputs of a token-reduced sequence back to all M original patch positions.
 
     aux: [B, n, C] outputs of the n patch tokens (prefix tokens removed).
@@ -339,7 +342,8 @@ def spread_to_positions(aux: torch.Tensor, assignment: torch.Tensor, num_prefix_
       represents each original patch position (``toe.last_assignment``); -1 if dropped.
     mode: "merged" supervises every position by its representing token; "kept" only positions whose own
       token was kept; "zero" (the official ToE code, Table 3 as published) gives kept positions their own
-      token's values and every other position zeros, all supervised. "kept" and "zero" need
+      token's values and every other position ``fill`` [C] (zeros when None; LV-ViT passes the aux head of a
+      zero feature, its bias), all supervised. "kept" and "zero" need
       ``kept_index`` [B, P + n] (``toe.last_index``: positions of the kept tokens in the unreduced sequence).
     Returns (out [B, M, C], mask bool [B, M] or None when every position is supervised). "merged"/"kept":
     out[b, i] = aux[b, assignment[b, i] - P], and masked positions still hold a representing token's values.
@@ -352,7 +356,8 @@ def spread_to_positions(aux: torch.Tensor, assignment: torch.Tensor, num_prefix_
     if mode == "zero":
         own = kept_index.to(aux.device).long()[:, p:] - p  # [B, n] original positions of the kept tokens
         b, m, c = aux.shape[0], assignment.shape[1], aux.shape[-1]
-        out = aux.new_zeros(b, m, c).scatter(1, own.unsqueeze(-1).expand(-1, -1, c), aux)
+        base = aux.new_zeros(b, m, c) if fill is None else fill.to(aux.dtype).expand(b, m, c)
+        out = base.scatter(1, own.unsqueeze(-1).expand(-1, -1, c), aux)
         return out, None
     slot = assignment.to(aux.device).long() - p  # < 0 where the position was dropped
     valid = slot >= 0

@@ -295,6 +295,13 @@ launch() {
     fi
     _merge_flags "${args[@]}"
     args=("${MERGED[@]}")
+    if [[ " ${args[*]} " == *" --train-cooldown "* ]]; then  # the run also logs timm's cool-down epochs
+        local cool=10
+        for ((i = 0; i < ${#args[@]} - 1; i++)); do
+            if [[ "${args[$i]}" == --cooldown-epochs ]]; then cool="${args[$((i + 1))]}"; fi
+        done
+        epochs=$((epochs + cool))
+    fi
     # every node reads the same log.txt in the shared OUT, so all nodes skip (or launch) together
     if [[ "$DRY_RUN" == 0 ]] && run_complete "$dir" "$epochs"; then
         echo "# $table/$name: complete ($epochs epochs in $dir/log.txt), skipped"

@@ -206,7 +206,8 @@ def _run_with_capture(m, x, hook_layer=1):
     # registered after ToE's hook -> sees the reduced sequence; prepend=True -> sees the raw one
     h1 = m.blocks[hook_layer].register_forward_pre_hook(lambda mod, a: cap.__setitem__("raw", a[0].detach()),
                                                         prepend=True)
-    h2 = m.aux_head.register_forward_hook(lambda mod, a, o: cap.__setitem__("tok", o.detach()))
+    # the first aux_head call is the per-token one ('zero' mode calls it again on a zero feature)
+    h2 = m.aux_head.register_forward_hook(lambda mod, a, o: None if "tok" in cap else cap.update(tok=o.detach()))
     try:
         out = m(x)
     finally:
@@ -241,7 +242,7 @@ def test_dense_targets_follow_toe_assignment(monkeypatch, mode):
                 own_kept[b, i] = True
             else:
                 j = int((raw[b, kept[b]] @ raw[b, i]).argmax())
-            rep_mixed[b, i] = cap["tok"][b, j] if mode != "zero" or own_kept[b, i] else 0.0
+            rep_mixed[b, i] = cap["tok"][b, j] if mode != "zero" or own_kept[b, i] else m.aux_head.bias.detach()
     # un-mix MixToken: positions inside the box come from the batch-flipped row
     inside = torch.zeros(8, 8, dtype=torch.bool)
     inside[box[0]:box[2], box[1]:box[3]] = True
@@ -251,7 +252,7 @@ def test_dense_targets_follow_toe_assignment(monkeypatch, mode):
     if mode in ("merged", "zero"):
         assert out.mask is None
         exp_mask = torch.ones(B, M, dtype=torch.bool)
-        if mode == "zero":  # the removed positions are zeros (after un-mixing too), still supervised
+        if mode == "zero":  # removed positions: the bias (0 at init), after un-mixing too; still supervised
             assert int((out.aux.abs().sum(-1) == 0).sum()) == B * (M - n)
     else:
         exp_mask = torch.where(inside[None], own_kept.flip(0), own_kept)
@@ -288,6 +289,46 @@ def test_zero_mode_with_merging_off_supervises_dropped_positions_as_zeros():
     kept.scatter_(1, toe.last_index(m)[:, 1:] - 1, True)
     assert out.mask is None and int(kept.sum()) == 2 * 32
     assert torch.equal(out.aux.abs().sum(-1) > 0, kept)
+
+
+def test_zero_mode_is_the_aux_head_of_zero_features_and_trains_its_bias():
+    """Official ToE LV-ViT: removed positions get zero features after the final norm, then aux_head, so their
+    logits are aux_head.bias and their loss reaches the bias. Checked against a hand computation."""
+    m = tiny(return_dense=True, toe_dense_loss="zero").train()
+    with torch.no_grad():
+        m.aux_head.bias.copy_(torch.linspace(-1.0, 1.0, 10))
+    toe.apply(m, toe.Schedule(r1=0.4, ng=3, k=2, epochs=3))
+    toe.set_epoch(m, 0)
+    cap = {}
+    h = m.norm.register_forward_hook(lambda mod, a, o: cap.__setitem__("feat", o))
+    x = torch.randn(3, 3, 32, 32)
+    try:
+        out = m(x)
+    finally:
+        h.remove()
+    B, M, P = 3, 64, 1
+    own = toe.last_index(m)[:, P:] - P  # original positions of the kept tokens, in slot order
+    feat = torch.zeros(B, M, 64)
+    for b in range(B):
+        for j, i in enumerate(own[b].tolist()):
+            feat[b, i] = cap["feat"][b, P + j].detach()
+    w, bias = m.aux_head.weight.detach(), m.aux_head.bias.detach()
+    hand = feat @ w.T + bias
+    assert out.mask is None
+    torch.testing.assert_close(out.aux.detach(), hand)
+    removed = torch.ones(B, M, dtype=torch.bool)
+    removed.scatter_(1, own, False)
+    assert int(removed.sum()) == B * (M - own.shape[1]) > 0
+    assert torch.equal(out.aux.detach()[removed], bias.expand(int(removed.sum()), -1))
+    # d(mean soft CE)/d bias = mean over all B*M positions of (softmax(logits) - target), removed ones included
+    lmap = random_label_map(B, 8, 10, seed=5)
+    crit = TokenLabelCrossEntropy(cls_weight=0.0, dense_weight=1.0, smoothing=0.1)
+    crit.dense_loss(out.aux, lmap, out.mask).backward()
+    t = dense_targets(lmap, 10, smoothing=0.1)
+    grad = (hand.softmax(-1) - t).reshape(-1, 10).mean(0)
+    torch.testing.assert_close(m.aux_head.bias.grad, grad)
+    grad_kept_only = ((hand.softmax(-1) - t) * (~removed).unsqueeze(-1)).reshape(-1, 10).mean(0)
+    assert not torch.allclose(m.aux_head.bias.grad, grad_kept_only, atol=1e-4)  # removed positions count
 
 
 def test_spread_to_positions_validation():

@@ -132,8 +132,9 @@ def test_toe_compat_official_switch():
         assert [_flag(c, "--toe-compat") for c in toe_runs] == [compat, compat]
         assert all(_flag(c, "--output_dir").endswith(f"_efficienttrain_toe_r1_0.6{suffix}") for c in toe_runs)
 
-    for env, compat, loss, suffix in (({}, "none", "merged", ""), ({"TOE_COMPAT": "official"}, "official", "zero",
-                                                                      "_official")):
+    # Table 3 defaults to the official code it was published from; TOE_COMPAT=none runs the paper's equations
+    for env, compat, loss, suffix in (({}, "official", "zero", "_official"), ({"TOE_COMPAT": "none"}, "none",
+                                                                              "merged", "")):
         t3 = _dry_commands("table3_lvvit", TOKEN_LABEL_DATA="/labels", **env)
         toe_runs = [c for c in t3 if _flag(c, "--toe-r1")]
         assert len(toe_runs) == 3 and len(t3) == 6
@@ -183,6 +184,27 @@ def test_dry_run_table3_lvvit_recipe():
         lr_dp = {"lvvit_t": (1.6e-3, 0.1), "lvvit_s": (1.6e-3, 0.1), "lvvit_m": (1.6e-3, 0.2)}[args.model]
         assert (args.lr, args.drop_path) == lr_dp
         assert args.model_ema_decay == 0.99992 and not args.repeated_aug and (args.mixup, args.cutmix) == (0, 0)
+        # TokenLabeling's timm loop: 300 cosine epochs + 10 at min lr; random interpolation; LV-ViT's crop_pct
+        assert (args.epochs, args.cooldown_epochs, args.train_cooldown, args.sched) == (300, 10, True, "cosine")
+        assert args.train_interpolation == "random"
+        assert args.eval_crop_ratio == {"lvvit_t": 0.9, "lvvit_s": 0.9, "lvvit_m": 1.0}[args.model]
+        if args.toe_r1 is not None:  # the official op by default, and its dense loss; stages span 300 epochs
+            assert (args.toe_compat, args.toe_dense_loss, args.toe_epochs) == ("official", "zero", 300)
+
+
+def test_table3_run_is_complete_after_its_cooldown_epochs(tmp_path):
+    """--train-cooldown runs log 310 epochs: one stopped after epoch 299 is resumed, not skipped."""
+    out, data, labels = tmp_path / "out", tmp_path / "imagenet", tmp_path / "labels"
+    data.mkdir()
+    labels.mkdir()
+    _write_complete_log(out / "table3/lvvit_t_baseline", 310)
+    _write_complete_log(out / "table3/lvvit_s_baseline", 300)
+    res = _bash("table3_lvvit", OUT=str(out), DATA=str(data), TOKEN_LABEL_DATA=str(labels), NGPUS="8",
+                TORCHRUN="echo", ONLY="baseline")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(": complete (310 epochs in ") == 1 and "table3/lvvit_t_baseline: complete" in res.stdout
+    launched = [line for line in res.stdout.splitlines() if line.startswith("--nproc_per_node")]
+    assert len(launched) == 2 and "lvvit_s_baseline" in launched[0] and "lvvit_m_baseline" in launched[1]
 
 
 def test_dry_run_table5_cifar_recipe():
@@ -288,7 +310,8 @@ NOT_SPELLED = {
             "model_kwargs", "patch_size"},
     "off": {"ThreeAugment", "attn_only", "bce_loss", "clip_grad", "cutmix_minmax", "curriculum_table", "lr_noise",
             "opt_betas", "resplit", "src", "toe_stage_epochs", "toe_sparse_eval", "token_label_gt", "toe_no_expand",
-            "toe_no_merge", "unscale_lr", "token_label", "finetune", "curriculum_batch_scale", "sched_on_updates"},
+            "toe_no_merge", "unscale_lr", "token_label", "finetune", "curriculum_batch_scale", "sched_on_updates",
+            "train_cooldown"},
     "unused": {"lr_noise_pct", "lr_noise_std", "distillation_alpha", "distillation_tau", "teacher_model",
                "teacher_model_kwargs", "teacher_path"},
     "token_label_only": {"cls_weight", "dense_weight", "mix_token", "token_label_data", "token_label_size",
@@ -445,7 +468,8 @@ def test_smoke_runs_every_command_of_every_script(smoke):
         assert rows[0]["toe_tokens"] == _expected_tokens(args, 0, patches), run
     r = _log(out / "table2" / "deit_tiny_toe_r1_0.5")[0]
     assert (r["toe_keep_rate"], r["toe_tokens"]) == (0.5, 32)
-    assert _log(out / "table3" / "lvvit_s_toe_r1_0.4")[0]["toe_tokens"] == 25  # floor(0.4 x 64)
+    # the official op (Table 3's default): int(0.2 x 64) + int(64 x (0.4 - 0.2)) = 12 + 12, not floor(0.4 x 64)
+    assert _log(out / "table3" / "lvvit_s_toe_r1_0.4_official")[0]["toe_tokens"] == 24
 
 
 def test_smoke_rerun_skips_complete_runs(smoke):
@@ -489,7 +513,7 @@ def test_summarize_smoke_runs_are_your_runs(smoke, tmp_path):
         return yours[run]
 
     for toe_run, base_run in (("table2/deit_tiny_toe_r1_0.5", "table2/deit_tiny_baseline"),
-                              ("table3/lvvit_m_toe_r1_0.4", "table3/lvvit_m_baseline"),
+                              ("table3/lvvit_m_toe_r1_0.4_official", "table3/lvvit_m_baseline"),
                               ("table5/deit_small_cifar10_pre_toe_ft_toe_r1_0.5",
                                "table5/deit_small_cifar10_pre_toe_ft_baseline")):
         assert cell(toe_run)["baseline"] == [str(out / base_run)], toe_run

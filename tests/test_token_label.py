@@ -46,18 +46,19 @@ def random_map(k, h, w, c, g, scale=3.0):
 
 
 def naive_reference(raw, box, image_hw, out_size, flip, c):
-    """LV-ViT's recipe written out: scatter the top-K logits into zeros [C, H, W], roi_align the crop box
-    given as normalised (x1, y1, x2, y2) * map size - 0.5 (aligned=False), flip, softmax over all C.
+    """LV-ViT's recipe written out: scatter the top-K logits into zeros [C, H, W], flip the whole map
+    (TokenLabeling flips before it crops; ``box`` is on the flipped image), roi_align the crop box given as
+    normalised (x1, y1, x2, y2) * map size - 0.5 (aligned=False), softmax over all C.
     Returns (dense targets [S*S, C], class target [C])."""
     full = torch.zeros(c, *raw.shape[2:]).scatter_(0, raw[1].long(), raw[0])
+    if flip:
+        full = full.flip(-1)
     top, left, bh, bw = box
     img_h, img_w = image_hw
     mh, mw = raw.shape[2:]
     coords = torch.tensor([left / img_w * mw, top / img_h * mh, (left + bw) / img_w * mw, (top + bh) / img_h * mh])
     rois = torch.cat([torch.zeros(1), coords - 0.5])[None]
     dense = roi_align(full[None], rois, output_size=(out_size, out_size))[0]
-    if flip:
-        dense = dense.flip(-1)
     cls = roi_align(full[None], rois, output_size=(1, 1))[0].flatten()
     return dense.flatten(1).T.softmax(-1), cls.softmax(-1)
 
@@ -348,6 +349,30 @@ def test_spatial_randaugment_consistent_with_image(target):
     assert not torch.equal(top1(lm), top1(position_map()))
     if target == "reference":
         assert bool((lm[1] == -1).all(0).any())
+
+
+def test_randaugment_acts_on_the_whole_image_before_the_crop():
+    """TokenLabeling's order: RandAugment on the whole image and map, then the crop, and the class target is
+    pooled from the augmented map. A translation by 40.5 % of the WHOLE width (TranslateXRel, m9, no noise)
+    then a fixed top-left-quadrant crop: the crop shows source column 3 (shift right) or fill (shift left);
+    cropping first would shift by 40.5 % of the crop and show column 1."""
+    tf = _fixed_crop(tl.TokenLabelTransform(32, G, auto_augment="rand-m9-n1-mstd0-p1.0", color_jitter=0.0,
+                                            interpolation="nearest", re_prob=0.0, re_mode="pixel", re_count=1,
+                                            target="reference", mean=(0, 0, 0), std=(1, 1, 1), hflip=0.0,
+                                            ra_transforms=["TranslateXRel"]), (0, 0, 64, 64))
+    signs = set()
+    for seed in range(10):
+        random.seed(seed)
+        x, (lm, cls_map) = tf(position_image(128), position_map(), TARGET)
+        corner = int(decode(x)[0, 0])
+        assert corner in (3, TARGET)  # source column 3 of row 0, or fill
+        assert int(top1(lm)[0, 0]) == corner
+        pooled = tl.class_logits(cls_map[None], NCLS)[0][:G * G].reshape(G, G)
+        columns = set(torch.nonzero(pooled.abs().sum(0)).flatten().tolist())
+        # pooled after the shift: the columns the crop shows (and their bilinear neighbour), not 0..3
+        assert columns <= ({3, 4, 5, 6, 7} if corner == 3 else {0, 1}), (seed, columns)
+        signs.add(corner == 3)
+    assert signs == {True, False}
 
 
 def test_randaugment_runs_timms_own_ops():
