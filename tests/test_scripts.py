@@ -248,7 +248,7 @@ NOT_SPELLED = {
             "model_kwargs", "patch_size"},
     "off": {"ThreeAugment", "attn_only", "bce_loss", "clip_grad", "cutmix_minmax", "curriculum_table", "lr_noise",
             "opt_betas", "resplit", "src", "toe_stage_epochs", "toe_sparse_eval", "token_label_gt", "toe_no_expand",
-            "toe_no_merge", "unscale_lr", "token_label", "finetune", "curriculum_batch_scale"},
+            "toe_no_merge", "unscale_lr", "token_label", "finetune", "curriculum_batch_scale", "overwrite"},
     "unused": {"lr_noise_pct", "lr_noise_std", "distillation_alpha", "distillation_tau", "teacher_model",
                "teacher_model_kwargs", "teacher_path"},
     "token_label_only": {"cls_weight", "dense_weight", "mix_token", "token_label_data", "token_label_size",
