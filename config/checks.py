@@ -114,6 +114,12 @@ def _check_curriculum(args: argparse.Namespace) -> None:
         raise UsageError(f"{which} schedules the RandAugment magnitude, which {given} turns off; drop {given} "
                          f"or the curriculum")
     if not args.curriculum_table:
+        from toe.curriculum import EFFICIENTTRAIN_SIZES
+
+        if args.epochs < len(EFFICIENTTRAIN_SIZES):
+            raise UsageError(f"--curriculum {args.curriculum} has {len(EFFICIENTTRAIN_SIZES)} phases but --epochs "
+                             f"{args.epochs} trains only the first {args.epochs}, never the final size; give "
+                             f"--epochs >= {len(EFFICIENTTRAIN_SIZES)} or a shorter --curriculum-table")
         return
     try:
         phases = Curriculum.parse(args.curriculum_table).phases

@@ -33,9 +33,11 @@ efficienttrain_run() {
 for size in tiny small; do
     model="deit_${size}_patch16_224"
     efficienttrain_run "deit_${size}_baseline" "$model"
-    efficienttrain_run "deit_${size}_efficienttrain" "$model" --curriculum efficienttrain --curriculum-batch-scale
+    # SMOKE: 5 epochs, one per curriculum phase (main.py refuses a curriculum that skips its final size)
+    SMOKE_EPOCHS=5 efficienttrain_run "deit_${size}_efficienttrain" "$model" --curriculum efficienttrain \
+        --curriculum-batch-scale
     toe_args 0.6 --toe-r0 0.3 --toe-stage-epochs "${stage_epochs[@]}"
-    efficienttrain_run "deit_${size}_efficienttrain_toe_r1_0.6" "$model" --curriculum efficienttrain \
+    SMOKE_EPOCHS=5 efficienttrain_run "deit_${size}_efficienttrain_toe_r1_0.6" "$model" --curriculum efficienttrain \
         --curriculum-batch-scale "${TOE_ARGS[@]}"
 done
 

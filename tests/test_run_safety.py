@@ -330,8 +330,9 @@ def test_teacher_of_another_architecture_names_keys_and_shapes(tmp_path):
 # ------------------------------------------------------------------------------------------- bad flags
 BAD_FLAGS = [
     (["--opt-betas", "0.9"], ["--opt-betas takes 2 values", "got 1"]),
-    (["--curriculum", "efficienttrain", "--aa", "none"], ["--aa none"]),
-    (["--curriculum", "efficienttrain", "--ThreeAugment"], ["--ThreeAugment"]),
+    (["--curriculum", "efficienttrain"], ["5 phases", "--epochs 3"]),
+    (["--curriculum", "efficienttrain", "--epochs", "5", "--aa", "none"], ["--aa none"]),
+    (["--curriculum", "efficienttrain", "--epochs", "5", "--ThreeAugment"], ["--ThreeAugment"]),
     (["--curriculum-table", "0:16:1,1:32:3", "--aa", "none"], ["--aa none"]),
     (["--curriculum-table", "0:16:1,3:32:3"], ["starts at or after --epochs 3"]),
     (["--curriculum-table", "0:16:1,1:24:3"], ["ends at size 24", "--input-size 32"]),
