@@ -264,7 +264,10 @@ def check_against_model(model_cfg: Any, toe_cfg: Any, token_label: Any, num_clas
         raise UsageError(f"--token-label-size {token_label.label_size} does not match the patch grid "
                          f"{grid[0]}x{grid[1]} of {model_cfg.name} at --input-size {model_cfg.input_size}")
     patch = getattr(embed, "patch_size", None)
-    return int(patch[0] if isinstance(patch, (tuple, list)) else patch or 16)
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch or 16)
+    if model_cfg.input_size % patch:  # the model's own patch size (an explicit one is checked without torch)
+        raise UsageError(f"patch size {patch} of {model_cfg.name} does not divide --input-size {model_cfg.input_size}")
+    return patch
 
 
 def _check_toe_on(model: Any, toe_cfg: Any, grid: tuple) -> None:

@@ -141,6 +141,12 @@ def test_fresh_start_over_an_earlier_run_stops_and_overwrite_moves_it_aside(tmp_
     assert _snapshot(moved) == {k: v for k, v in before.items()}  # every old file kept, byte for byte
     assert [r["epoch"] for r in read_log(out / "log.txt")] == [0]  # the new run starts at epoch 0
     assert "resumed from" not in stdout
+    # --overwrite with --resume auto (the default) also starts fresh, keeping both earlier runs
+    second = _snapshot(out)
+    code, stdout, err = main_inprocess(ONE_EPOCH + ["--overwrite", "--output_dir", str(out)])
+    assert code == 0 and "resumed from" not in stdout, err
+    olds = sorted(p for p in out.iterdir() if p.name.startswith("old-"))
+    assert len(olds) == 2 and _snapshot(olds[1]) == {k: v for k, v in second.items() if not k.startswith("old-")}
 
 
 @pytest.mark.parametrize("extra, needles", [
@@ -348,6 +354,11 @@ BAD_FLAGS = [
     (["--patch-size", "5"], ["patch size 5 does not divide --input-size 32"]),
     (["--input-size", "30"], ["patch size 4 does not divide --input-size 30"]),
 ]
+
+
+def test_model_patch_size_not_dividing_the_input_size_is_one_line():
+    argv = [a for a in BASE if a != "patch_size=4"] + ["--epochs", "1", "--input-size", "40"]  # deit: patch 16
+    _one_line_error(*main_inprocess(argv), "patch size 16 of deit_tiny_patch16_224 does not divide --input-size 40")
 
 
 @pytest.mark.parametrize("extra, needles", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
