@@ -26,12 +26,15 @@ class FolderLock:
     """An flock held on ``<folder>/.lock`` until :meth:`release` or the end of the process."""
 
     def __init__(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)  # creating an empty folder replaces nothing
         self.path = os.path.join(folder, LOCK_FILE)
         self._fd: Optional[int] = None
         while self._fd is None:
-            # no O_TRUNC: the holder's host and pid must stay readable for the run that is refused
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.makedirs(folder, exist_ok=True)  # creating an empty folder replaces nothing
+                # no O_TRUNC: the holder's host and pid must stay readable for the run that is refused
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UsageError(f"cannot write to --output_dir {folder}: {e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

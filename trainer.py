@@ -277,7 +277,7 @@ class Trainer:
         blocking, _ = config.changes_since(saved, self.cfg.flags)
         changed = {k: v for k, v in blocking.items() if k in config.ARCHITECTURE_FLAGS}
         if changed:
-            return "the checkpoint's run used " + "; ".join(_change_text(k, v) for k, v in changed.items())
+            return "changed since the checkpoint's run: " + "; ".join(_change_text(k, v) for k, v in changed.items())
         return checkpoint.describe_mismatch(checkpoint.model_weights(ckpt), self.plain_model.state_dict())
 
     def _check_changes(self) -> Dict[str, Any]:
