@@ -116,9 +116,11 @@ def build_teacher(distill_cfg: Any, num_classes: int, input_size: int, weights: 
     try:
         teacher.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        from checkpoint import describe_mismatch
+
+        why = describe_mismatch(weights, teacher.state_dict()) or str(e).splitlines()[0]
         raise CheckpointError(f"--teacher-path {distill_cfg.teacher_path} does not fit --teacher-model "
-                              f"{distill_cfg.teacher_model} with {num_classes} classes: {first}") from None
+                              f"{distill_cfg.teacher_model} with {num_classes} classes: {why}") from None
     teacher.to(device).eval()
     teacher.requires_grad_(False)
     return teacher

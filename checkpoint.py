@@ -97,3 +97,23 @@ def training_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         "args": config,
         **extra,
     }
+
+
+def describe_mismatch(state: Dict[str, Any], target: Dict[str, Any]) -> str:
+    """Why ``state`` does not load into a model whose state_dict is ``target``: the first missing and
+    unexpected keys and the first shape difference, e.g. 'shape of pos_embed: (1, 65, 64) in the file,
+    (1, 197, 64) in the model'; '' when they fit."""
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    wrong = [k for k in state if k in target and hasattr(state[k], "shape") and
+             tuple(state[k].shape) != tuple(target[k].shape)]
+    parts = []
+    if wrong:
+        parts.append(f"shape of {wrong[0]}: {tuple(state[wrong[0]].shape)} in the file, "
+                     f"{tuple(target[wrong[0]].shape)} in the model" + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1
+                                                                        else ""))
+    if missing:
+        parts.append(f"{len(missing)} keys missing from the file (first: {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys not in the model (first: {', '.join(unexpected[:3])})")
+    return "; ".join(parts)

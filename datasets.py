@@ -273,6 +273,9 @@ class SafeImageFolder(_SkipBadImages, tvd.ImageFolder):
 def _image_folder(split_dir: str, transform: Callable, class_root: Optional[str], skip: bool) -> SafeImageFolder:
     if not os.path.isdir(split_dir):
         raise DataError(f"data folder not found: {split_dir}")
+    # the class list is read from class_root first: when it is empty, that is the folder to name
+    if class_root and not any(entry.is_dir() for entry in os.scandir(class_root)):
+        raise DataError(f"empty image folder {class_root} (expected <class>/<image> inside)")
     try:
         ds = SafeImageFolder(split_dir, transform=transform, class_root=class_root, skip_bad_images=skip)
     except FileNotFoundError as e:  # torchvision: no class folder / no valid image file

@@ -126,3 +126,12 @@ def sum_across_ranks(values: List[float], device: torch.device) -> List[float]:
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def share_from_main(value):
+    """Rank 0's ``value`` on every rank (a picklable object); the value itself without a process group."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

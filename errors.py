@@ -1,10 +1,31 @@
 """The errors a user can cause. The entry reports each as one `error: ...` line and exits with
 EXIT_USAGE; anything else is a bug and keeps its traceback."""
 
+import os
 import re
+import sys
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT, also used for SIGTERM so a rerun knows it was a stop
+
+
+def launcher_rank() -> int:
+    """The launcher's rank for this process (readable before any process group exists)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            try:
+                return int(os.environ[key])
+            except ValueError:
+                return 0
+    return 0
+
+
+def fail(message: str, code: int, prefix: str = "error: ") -> int:
+    """Print ``prefix + message`` as one line on stderr (rank 0 only) and return ``code``."""
+    if launcher_rank() == 0:
+        print(prefix + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    return code
 
 
 class UsageError(ValueError):

@@ -6,7 +6,8 @@
 This file holds the flag list (DeiT's names and defaults, plus --toe-*) and the exit codes. The flags
 become an immutable ``config.Config`` (config.py), the pieces are built by builders.py / recipes.py, and
 trainer.py runs the epochs. Bad input: one ``error: ...`` line on stderr, exit 2. A non-finite loss: one
-line naming the epoch, the iteration and the checkpoint to resume from, exit 3.
+line naming the epoch, the iteration and the checkpoint to resume from, exit 3. Ctrl-C or SIGTERM: one
+``interrupted at ...`` line saying how to resume, exit 130.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import sys
 from typing import Optional, Sequence
 
 from builders import parse_key_values
-from errors import EXIT_NONFINITE, EXIT_USAGE, UsageError
+from errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, UsageError, fail
 
-__all__ = ["main", "get_args_parser", "parse_key_values", "EXIT_USAGE", "EXIT_NONFINITE"]
+__all__ = ["main", "get_args_parser", "parse_key_values", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_INTERRUPTED"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,12 +82,15 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 def _add_optimizer(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Optimizer")
     g.add_argument("--opt", default="adamw", metavar="NAME", help="timm optimizer name (default: adamw)")
-    g.add_argument("--opt-eps", default=1e-8, type=float, metavar="EPS", help="optimizer epsilon (default: 1e-8)")
+    g.add_argument("--opt-eps", default=1e-8, type=float, metavar="EPS",
+                   help="small constant added to the denominator of Adam-type updates for numerical stability "
+                        "(default: 1e-8)")
     g.add_argument("--opt-betas", default=None, type=float, nargs="+", metavar="BETA",
                    help="optimizer betas (default: the optimizer's own)")
     g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
                    help="clip the global gradient norm to NORM (default: no clipping)")
-    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
+    g.add_argument("--momentum", type=float, default=0.9, metavar="M",
+                   help="momentum factor of the SGD/momentum optimizers; other optimizers ignore it (default: 0.9)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="decoupled weight decay (default: 0.05)")
     g.add_argument("--opt-impl", default="auto", choices=["auto", "fused", "foreach", "loop"],
                    help="torch optimizer kernel: auto = fused on CUDA for Adam/AdamW/SGD, else torch's default")
@@ -124,7 +128,8 @@ def _add_augmentation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--color-jitter", type=float, default=0.3, metavar="S", help="colour-jitter strength (default: 0.3)")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", metavar="POLICY",
                    help="timm auto-augment policy string; 'none' disables it (default: rand-m9-mstd0.5-inc1)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    g.add_argument("--smoothing", type=float, default=0.1,
+                   help="share of the target's probability spread evenly over all classes (default: 0.1)")
     g.add_argument("--train-interpolation", default="bicubic", help="resize filter in training (default: bicubic)")
     _on_off(g, "repeated-aug", True, "repeated augmentation: each image appears --ra-reps times per epoch, "
                                      "spread over processes")
@@ -237,6 +242,9 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
                                                     "when present; 'none': start fresh (default: auto)")
     g.add_argument("--resume-changed-ok", action="store_true",
                    help="resume even though the model or a --toe-* flag differs from the checkpoint's run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start fresh in an --output_dir that holds an earlier run: its files are moved into "
+                        "<output_dir>/old-<time>/ (nothing is deleted); without it such a start stops")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch of a fresh run (default: 0)")
     g.add_argument("--eval", action="store_true", help="evaluate the resumed or --finetune weights and exit")
     g.add_argument("--throughput", action="store_true", help="measure forward and training images/s and exit")
@@ -283,26 +291,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _launcher_rank() -> int:
-    """The launcher's rank for this process (readable before any process group exists)."""
-    import os
-
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            try:
-                return int(os.environ[key])
-            except ValueError:
-                return 0
-    return 0
-
-
-def fail(message: str, code: int) -> int:
-    """Print ``error: message`` as one line (rank 0 only) and return ``code``."""
-    if _launcher_rank() == 0:
-        print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
-    return code
-
-
 def _user_error_types() -> tuple:
     import errors
 
@@ -311,16 +299,21 @@ def _user_error_types() -> tuple:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, check, run. Returns the process exit code."""
-    try:
-        args = get_args_parser().parse_args(argv)
-        import config
+    import interrupts
 
-        cfg = config.from_args(args)  # flag-only checks run before torch is imported
-        import trainer
+    with interrupts.stop_on_signals():
+        try:
+            args = get_args_parser().parse_args(argv)
+            import config
 
-        return trainer.run(cfg)
-    except _user_error_types() as e:
-        return fail(str(e), EXIT_USAGE)
+            cfg = config.from_args(args)  # flag-only checks run before torch is imported
+            import trainer
+
+            return trainer.run(cfg)
+        except _user_error_types() as e:
+            return fail(str(e), EXIT_USAGE)
+        except KeyboardInterrupt:  # before training began (trainer.run reports stops during it)
+            return fail("interrupted before training started; nothing was written", EXIT_INTERRUPTED, prefix="")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ import builders
 import checkpoint
 import distributed
 import engine
+import interrupts
+import rundir
 import runlog
 import samplers
 import utils
-from errors import EXIT_NONFINITE, CheckpointError, UsageError
+from errors import EXIT_INTERRUPTED, EXIT_NONFINITE, CheckpointError, UsageError, fail
 from recipes import recipe_for
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -31,14 +33,78 @@ def run(cfg: Any) -> int:
     placement = distributed.start(cfg.run.device.startswith("cuda"), cfg.run.dist_url, cfg.run.local_rank)
     device = torch.device(f"cuda:{placement.local_rank}" if placement.distributed and
                           cfg.run.device.startswith("cuda") else cfg.run.device)
-    print(f"run: {placement.world_size} process(es) on {device}, amp {cfg.run.amp}, global batch "
-          f"{cfg.run.global_batch}, lr {cfg.optim.lr:.4g}", flush=True)
-    print(json.dumps(cfg.flags, sort_keys=True), flush=True)
-    trainer = Trainer(cfg, placement, device)
-    code = trainer.throughput() if cfg.run.throughput else trainer.evaluate_only() if cfg.run.eval_only \
-        else trainer.fit()
-    distributed.stop()
+    lock = _claim_output_dir(cfg, placement)  # before anything is written
+    trainer = None
+    try:
+        print(f"run: {placement.world_size} process(es) on {device}, amp {cfg.run.amp}, global batch "
+              f"{cfg.run.global_batch}, lr {cfg.optim.lr:.4g}", flush=True)
+        print(json.dumps(cfg.flags, sort_keys=True), flush=True)
+        trainer = Trainer(cfg, placement, device)
+        code = trainer.throughput() if cfg.run.throughput else trainer.evaluate_only() if cfg.run.eval_only \
+            else trainer.fit()
+    except Exception:
+        if not interrupts.received():
+            raise
+        code = _interrupted(cfg, trainer)  # a peer's exit broke a collective: part of the same stop
+    except KeyboardInterrupt:
+        code = _interrupted(cfg, trainer)
+    finally:
+        if lock is not None:
+            lock.release()
+    if code != EXIT_INTERRUPTED:
+        distributed.stop()
     return code
+
+
+def _claim_output_dir(cfg: Any, placement: distributed.Placement) -> Optional[rundir.FolderLock]:
+    """Rank 0 locks the output folder and refuses to replace an earlier run; every rank learns the outcome."""
+    if not cfg.run.output_dir or cfg.run.eval_only or cfg.run.throughput:
+        return None
+    lock, problem = None, None
+    if placement.is_main:
+        try:
+            lock = rundir.claim(cfg.run.output_dir, cfg.run.resume, cfg.run.overwrite)
+        except UsageError as e:
+            problem = str(e)
+    problem = distributed.share_from_main(problem)
+    if problem is not None:
+        distributed.stop()
+        raise UsageError(problem)
+    return lock
+
+
+def _interrupted(cfg: Any, trainer: Optional["Trainer"]) -> int:
+    """The one line of a Ctrl-C / SIGTERM: where the run stopped and how to continue it."""
+    where = trainer.position() if trainer is not None else "before training started"
+    ckpt = os.path.join(cfg.run.output_dir, "checkpoint.pth") if cfg.run.output_dir else ""
+    if cfg.run.eval_only or cfg.run.throughput or not ckpt:
+        hint = "nothing was written"
+    elif not os.path.isfile(ckpt):
+        hint = "no epoch was completed, so there is no checkpoint yet; rerun the same command to start again"
+    else:
+        done = f"{ckpt} (last completed epoch {checkpoint.epoch_of(ckpt)})"
+        same = cfg.run.resume_flag.lower() == "auto" or (
+            os.path.isfile(cfg.run.resume_flag) and os.path.samefile(cfg.run.resume_flag, ckpt))
+        hint = (f"rerun the same command to resume from {done}" if same and not cfg.run.overwrite else
+                f"resume from {done} by rerunning with --resume auto (without --overwrite or --resume "
+                f"{cfg.run.resume_flag})")
+    return fail(f"interrupted {where}; {hint}", EXIT_INTERRUPTED, prefix="")
+
+
+class _CountedLoader:
+    """A data loader that counts the batches it has handed out in the current pass (for the stop line)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.handed_out = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.handed_out = 0
+        for batch in self.loader:
+            self.handed_out += 1
+            yield batch
 
 
 class Trainer:
@@ -63,6 +129,8 @@ class Trainer:
         self.teacher = None if teacher_weights is None else builders.build_teacher(
             cfg.distill, self.num_classes, cfg.model.input_size, checkpoint.model_weights(teacher_weights), device)
         self.start_epoch, self.max_accuracy = cfg.run.start_epoch, 0.0
+        self.epoch_now: Optional[int] = None  # the epoch being trained, for the stop line
+        self.evaluating = False
 
     # ----------------------------------------------------------------------------------------- building
     def _build_eval_data(self) -> None:
@@ -215,10 +283,10 @@ class Trainer:
             self.train_set = self.recipe.train_dataset(self._phase_augment(epoch), self.num_classes,
                                                        self.cfg.run.seed)
         self.loader_phase = phase
-        self.train_loader = torch.utils.data.DataLoader(
+        self.train_loader = _CountedLoader(torch.utils.data.DataLoader(
             self.train_set, sampler=self.sampler, batch_size=self.cfg.data.batch_size * self._batch_scale(epoch),
             drop_last=True,
-            worker_init_fn=utils.seed_worker, generator=self.loader_generator, **self._loader_options())
+            worker_init_fn=utils.seed_worker, generator=self.loader_generator, **self._loader_options()))
 
     # ------------------------------------------------------------------------------------------- resume
     def _load_weights(self) -> None:
@@ -231,8 +299,19 @@ class Trainer:
                 else:
                     self.model_ema.set(self.plain_model)
         except RuntimeError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"checkpoint {path} does not fit model {self.cfg.model.name}: {first}") from None
+            raise CheckpointError(f"checkpoint {path} does not fit model {self.cfg.model.name}: "
+                                  f"{self._why_not_fitting(ckpt) or str(e).splitlines()[0]}") from None
+
+    def _why_not_fitting(self, ckpt: Dict[str, Any]) -> str:
+        """The saved run's architecture flags that differ from this run's, else the first mismatched keys."""
+        import config
+
+        saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        blocking, _ = config.changes_since(saved, self.cfg.flags)
+        changed = {k: v for k, v in blocking.items() if k in config.ARCHITECTURE_FLAGS}
+        if changed:
+            return "changed since the checkpoint's run: " + "; ".join(_change_text(k, v) for k, v in changed.items())
+        return checkpoint.describe_mismatch(checkpoint.model_weights(ckpt), self.plain_model.state_dict())
 
     def _check_changes(self) -> Dict[str, Any]:
         """Refuse a resume under another model or ToE setting; note allowed changes (epochs, lr, batch)."""
@@ -240,7 +319,7 @@ class Trainer:
 
         saved = self.resume_ckpt.get("args") if isinstance(self.resume_ckpt.get("args"), dict) else {}
         blocking, noted = config.changes_since(saved, self.cfg.flags)
-        text = "; ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in {**blocking, **noted}.items())
+        text = "; ".join(_change_text(k, v) for k, v in {**blocking, **noted}.items())
         if blocking and not self.cfg.run.resume_changed_ok:
             raise UsageError(f"{self.cfg.run.resume} was trained with other settings: {text}; resume with "
                              f"--resume-changed-ok to continue anyway, or use another --output_dir")
@@ -248,10 +327,9 @@ class Trainer:
             print(f"notice: resuming with changed settings: {text}", flush=True)
         return {**blocking, **noted}
 
-    def _resume_training_state(self) -> Dict[str, Any]:
-        """Optimizer, scheduler, scaler and RNG from the checkpoint; returns the flag changes."""
+    def _resume_training_state(self) -> None:
+        """Optimizer, scheduler, scaler and RNG from the checkpoint."""
         ckpt, path = self.resume_ckpt, self.cfg.run.resume
-        changes = self._check_changes()
         if "optimizer" in ckpt and "epoch" in ckpt:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -267,7 +345,6 @@ class Trainer:
             self.start_epoch = int(ckpt["epoch"]) + 1
             self.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
         print(f"resumed from {path} (last finished epoch {ckpt.get('epoch', '?')})")
-        return changes
 
     # ------------------------------------------------------------------------------- evaluation / timing
     def _set_toe_epoch(self, epoch: int) -> None:
@@ -279,7 +356,16 @@ class Trainer:
         if self.model_ema is not None:
             toe.set_epoch(self.model_ema.module, epoch)
 
+    def position(self) -> str:
+        """Where the run is now, e.g. 'at epoch 3, iteration 12/500'."""
+        if self.epoch_now is None:
+            return "before the first epoch started"
+        if self.evaluating:
+            return f"at epoch {self.epoch_now}, during its evaluation"
+        return f"at epoch {self.epoch_now}, iteration {self.train_loader.handed_out}/{len(self.train_loader)}"
+
     def _evaluate(self, epoch_label: str) -> Dict[str, Any]:
+        self.evaluating = True
         reduce = self.placement.distributed and self.cfg.data.dist_eval
         stats = engine.evaluate(self.val_loader, self.model, self.device, self.amp_dtype,
                                 reduce_across_ranks=reduce, header=f"eval {epoch_label}",
@@ -290,6 +376,7 @@ class Trainer:
             ema = engine.evaluate(self.val_loader, self.model_ema.module, self.ema_device, self.amp_dtype,
                                   reduce_across_ranks=reduce, header=f"eval EMA {epoch_label}")
             result["ema_test_acc1"] = ema["acc1"]
+        self.evaluating = False
         return result
 
     def evaluate_only(self) -> int:
@@ -328,8 +415,9 @@ class Trainer:
         self._build_training()
         changes: Dict[str, Any] = {}
         if self.resume_ckpt is not None:
+            changes = self._check_changes()  # the saved run's flags first: they name what changed
             self._load_weights()
-            changes = self._resume_training_state()
+            self._resume_training_state()
         self._open_outputs(changes)
         print(f"training epochs {self.start_epoch}..{cfg.run.epochs - 1} ({cfg.run.epochs - self.start_epoch} to go)")
         started = time.time()
@@ -357,7 +445,9 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         hours = (time.time() - started) / 3600
-        print(f"done: {cfg.run.epochs - self.start_epoch} epochs in {hours:.3f} h; best top-1 {self.max_accuracy:.2f}%")
+        trained = cfg.run.epochs - self.start_epoch
+        print(f"done: {trained} epoch{'' if trained == 1 else 's'} in {hours:.3f} h; best top-1 "
+              f"{self.max_accuracy:.2f}%")
         return 0
 
     def _open_outputs(self, changes: Dict[str, Any]) -> None:
@@ -391,6 +481,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         self._make_train_loader(epoch)
         self._set_toe_epoch(epoch)
+        self.epoch_now, self.evaluating = epoch, False
 
     def _measured_tokens(self, epoch: int) -> int:
         """Patch tokens after ToE in the last training forward (measured, not predicted)."""
@@ -439,8 +530,6 @@ class Trainer:
         self.writer.flush()
 
     def _non_finite(self, e: "engine.NonFiniteLossError") -> int:
-        from main import fail
-
         if self.ckpt_path and os.path.isfile(self.ckpt_path):
             where = (f"resume from {self.ckpt_path} (last completed epoch {checkpoint.epoch_of(self.ckpt_path)}) "
                      f"with --resume {self.ckpt_path}")
@@ -448,6 +537,15 @@ class Trainer:
             where = "no checkpoint was written yet (restart from scratch)"
         return fail(f"non-finite loss ({e.value}) at epoch {e.epoch}, iteration {e.iteration}/{e.total}; {where}, "
                     f"e.g. with a lower --lr or --clip-grad", EXIT_NONFINITE)
+
+
+def _change_text(flag: str, values: Any) -> str:
+    """'--toe-r1 0.5 -> 0.6' for a changed flag [old, new]."""
+    old, new = values
+
+    def shown(v: Any) -> str:
+        return v if isinstance(v, str) else repr(v)
+    return f"--{flag.replace('_', '-')} {shown(old)} -> {shown(new)}"
 
 
 def _skipped(dataset: Any) -> int:

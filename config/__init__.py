@@ -151,6 +151,8 @@ class RunConfig:
     world_size: int
     global_batch: int
     schedule_epochs: int = 0  # --epochs: the lr schedule's length (0: the same as ``epochs``)
+    overwrite: bool = False  # --overwrite: move an earlier run in output_dir aside
+    resume_flag: str = "auto"  # --resume as given (auto / none / a path), for the interruption hint
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,8 @@ def _resume_path(args: argparse.Namespace) -> str:
     if choice.lower() in ("", "none"):
         return ""
     if choice.lower() == "auto":
+        if getattr(args, "overwrite", False):
+            return ""  # the folder's checkpoint is moved aside: a fresh start
         candidate = os.path.join(args.output_dir, "checkpoint.pth") if args.output_dir else ""
         return candidate if candidate and os.path.isfile(candidate) else ""
     return choice
@@ -331,7 +335,8 @@ def _resolve(args: argparse.Namespace) -> Config:
     run = RunConfig(args.output_dir, device, args.seed, _resume_path(args), args.resume_changed_ok,
                     args.start_epoch, loop_epochs, args.eval, args.throughput, amp, args.print_freq,
                     args.grad_accum_steps, args.curriculum_batch_scale, args.train_mode, args.dist_url,
-                    args.local_rank, world, global_batch, args.epochs)
+                    args.local_rank, world, global_batch, schedule_epochs=args.epochs, overwrite=args.overwrite,
+                    resume_flag=(args.resume or "none").strip())
     distill = DistillConfig(args.distillation_type, args.teacher_model, args.teacher_path,
                             dict(args.teacher_model_kwargs), args.distillation_alpha, args.distillation_tau)
     toe_cfg = _toe(args)
@@ -351,6 +356,8 @@ BLOCKING_CHANGES = ("model", "model_kwargs", "patch_size", "input_size", "toe_r1
                     "toe_layer", "toe_distance", "toe_init", "toe_no_expand", "toe_no_merge", "toe_epochs",
                     "toe_stage_epochs", "toe_sparse_eval", "toe_compat", "curriculum", "curriculum_table",
                     "curriculum_downsample", "sched_on_updates")
+# the flags that shape the weights: a checkpoint of another value of one of them cannot load
+ARCHITECTURE_FLAGS = ("model", "model_kwargs", "patch_size", "input_size")
 # flags that may change (a longer schedule, another batch), with a notice in the output and in log.txt
 NOTED_CHANGES = ("epochs", "lr", "batch_size", "grad_accum_steps", "global_batch", "unscale_lr",
                  "curriculum_batch_scale", "train_cooldown")

@@ -98,9 +98,120 @@ def _check_token_label(args: argparse.Namespace) -> None:
         raise UsageError(f"--smoothing must be in [0, 1) with --token-label, got {args.smoothing}")
 
 
+# timm scales RandAugment magnitudes by this denominator (auto_augment._LEVEL_DENOM): m above it is clipped
+_RANDAUGMENT_MAX_MAGNITUDE = 10
+
+
+def _check_curriculum(args: argparse.Namespace) -> None:
+    """A curriculum must train every phase it lists, end at --input-size, and have a RandAugment to schedule."""
+    if args.curriculum == "none" and not args.curriculum_table:
+        return
+    from toe.curriculum import Curriculum
+
+    which = "--curriculum-table" if args.curriculum_table else f"--curriculum {args.curriculum}"
+    if args.aa is None or args.aa.strip().lower() in ("", "none") or args.ThreeAugment:
+        given = "--ThreeAugment" if args.ThreeAugment else "--aa none"
+        raise UsageError(f"{which} schedules the RandAugment magnitude, which {given} turns off; drop {given} "
+                         f"or the curriculum")
+    if not args.curriculum_table:
+        from toe.curriculum import EFFICIENTTRAIN_SIZES
+
+        if args.epochs < len(EFFICIENTTRAIN_SIZES):
+            raise UsageError(f"--curriculum {args.curriculum} has {len(EFFICIENTTRAIN_SIZES)} phases but --epochs "
+                             f"{args.epochs} trains only the first {args.epochs}, never the final size; give "
+                             f"--epochs >= {len(EFFICIENTTRAIN_SIZES)} or a shorter --curriculum-table")
+        return
+    try:
+        phases = Curriculum.parse(args.curriculum_table).phases
+    except ValueError as e:
+        raise UsageError(f"--curriculum: {e}") from None
+    for p in phases:
+        if p.start_epoch >= args.epochs:
+            raise UsageError(f"--curriculum-table phase {p.start_epoch}:{p.input_size}:{p.magnitude} starts at or "
+                             f"after --epochs {args.epochs}, so it would never be trained")
+        if p.input_size > args.input_size:
+            raise UsageError(f"--curriculum-table phase size {p.input_size} is larger than --input-size "
+                             f"{args.input_size}")
+        if p.magnitude > _RANDAUGMENT_MAX_MAGNITUDE:
+            raise UsageError(f"--curriculum-table magnitude {p.magnitude} is above timm's RandAugment maximum of "
+                             f"{_RANDAUGMENT_MAX_MAGNITUDE}")
+    if phases[-1].input_size != args.input_size:
+        raise UsageError(f"--curriculum-table ends at size {phases[-1].input_size}, not at --input-size "
+                         f"{args.input_size} (the size evaluation runs at)")
+
+
+def _check_no_effect(args: argparse.Namespace) -> None:
+    """Flags that would silently do nothing in the run as configured."""
+    if not args.token_label:
+        given = [flag for flag, on in (("--token-label-data", bool(args.token_label_data)),
+                                       ("--cls-weight", args.cls_weight != 1.0),
+                                       ("--dense-weight", args.dense_weight != 1.0)) if on]
+        if given:
+            raise UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --token-label")
+    if args.teacher_path and args.distillation_type == "none":
+        raise UsageError("--teacher-path has no effect with --distillation-type none (choose soft or hard)")
+    for dest in ("mixup", "cutmix"):
+        if getattr(args, dest) < 0:
+            raise UsageError(f"--{dest} must be >= 0 (0 turns it off), got {getattr(args, dest)}")
+    if args.nb_classes < 2:
+        raise UsageError(f"--nb-classes must be >= 2 (a classifier needs two classes), got {args.nb_classes}")
+    patch = args.patch_size if args.patch_size is not None else (args.model_kwargs or {}).get("patch_size")
+    if isinstance(patch, int) and patch >= 1 and args.input_size % patch:
+        raise UsageError(f"patch size {patch} does not divide --input-size {args.input_size}")
+
+
+def _check_opt_betas(args: argparse.Namespace) -> None:
+    if args.opt_betas is None:
+        return
+    wanted = 3 if args.opt.lower().split("_")[-1] == "adan" else 2  # timm's Adan takes three betas
+    if len(args.opt_betas) != wanted:
+        raise UsageError(f"--opt-betas takes {wanted} values for --opt {args.opt}, got {len(args.opt_betas)}: "
+                         f"{' '.join(str(b) for b in args.opt_betas)}")
+    if not all(0.0 <= b < 1.0 for b in args.opt_betas):
+        raise UsageError(f"--opt-betas must each be in [0, 1), got {' '.join(str(b) for b in args.opt_betas)}")
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    """--output_dir must be a folder or creatable as one; --overwrite needs one to act on."""
+    if args.output_dir:
+        folder = os.path.abspath(os.path.expanduser(args.output_dir))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"--output_dir {args.output_dir} is a file, not a folder")
+        parent = os.path.dirname(folder)
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise UsageError(f"--output_dir {args.output_dir} lies under {parent}, which is a file")
+    if not getattr(args, "overwrite", False):
+        return
+    if not args.output_dir:
+        raise UsageError("--overwrite needs --output_dir (the folder whose earlier run it moves aside)")
+    if args.eval or args.throughput:
+        raise UsageError("--overwrite has no effect with --eval/--throughput, which write nothing")
+    resume = (args.resume or "").strip()
+    if resume.lower() not in ("", "none", "auto"):
+        inside = os.path.dirname(os.path.abspath(resume)) == os.path.abspath(args.output_dir)
+        if inside:
+            raise UsageError(f"--overwrite moves {resume} aside before training; resume from a copy outside "
+                             f"--output_dir, or drop --overwrite")
+
+
+def _check_eval_weights(args: argparse.Namespace) -> None:
+    from config import _resume_path
+
+    if args.eval and not args.finetune and not _resume_path(args):
+        where = f"no checkpoint.pth in --output_dir {args.output_dir}" if args.output_dir else "no --output_dir"
+        raise UsageError(f"--eval needs weights: give --resume FILE or --finetune FILE ({where}, --resume "
+                         f"{args.resume})")
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Every check that needs neither torch nor data. Raises UsageError."""
     _check_ranges(args)
+    _check_opt_betas(args)
+    _check_output_dir(args)
+    _check_eval_weights(args)
+    _check_no_effect(args)
     if args.resplit:
         raise UsageError("--resplit is not supported: it erases only augmentation splits (AugMix/JSD), and this "
                          "training entry makes none")
@@ -116,6 +227,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError("give either --curriculum or --curriculum-table, not both")
     if args.distillation_type != "none" and not args.teacher_path:
         raise UsageError(f"--distillation-type {args.distillation_type} needs --teacher-path (teacher weights)")
+    _check_curriculum(args)
 
 
 def _build_on_meta(model_cfg: Any, num_classes: int, extra: dict):
@@ -152,7 +264,10 @@ def check_against_model(model_cfg: Any, toe_cfg: Any, token_label: Any, num_clas
         raise UsageError(f"--token-label-size {token_label.label_size} does not match the patch grid "
                          f"{grid[0]}x{grid[1]} of {model_cfg.name} at --input-size {model_cfg.input_size}")
     patch = getattr(embed, "patch_size", None)
-    return int(patch[0] if isinstance(patch, (tuple, list)) else patch or 16)
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch or 16)
+    if model_cfg.input_size % patch:  # the model's own patch size (an explicit one is checked without torch)
+        raise UsageError(f"patch size {patch} of {model_cfg.name} does not divide --input-size {model_cfg.input_size}")
+    return patch
 
 
 def _check_toe_on(model: Any, toe_cfg: Any, grid: tuple) -> None:

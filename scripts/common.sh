@@ -119,7 +119,7 @@ fi
 
 # smoke_overrides: appended after the paper's flags; launch keeps each flag once, with the later value.
 smoke_overrides() {
-    SMOKE_ARGS=(--device cpu --amp none --epochs 1 --input-size 32 --patch-size 4
+    SMOKE_ARGS=(--device cpu --amp none --epochs "${SMOKE_EPOCHS:-1}" --input-size 32 --patch-size 4
                 --model-kwargs $SMOKE_MODEL_KWARGS --warmup-epochs 0 --num_workers 0 --print-freq 1000
                 "${SMOKE_DATA_ARGS[@]}")
 }
@@ -286,7 +286,7 @@ launch() {
         args+=(--toe-epochs "$([[ "$SMOKE" == 1 ]] && echo 4 || echo "$epochs")")
     fi
     if [[ "$SMOKE" == 1 ]]; then
-        epochs=1
+        epochs="${SMOKE_EPOCHS:-1}"  # 1, or what a run needs at least (e.g. a curriculum: one per phase)
         smoke_overrides
         args+=("${SMOKE_ARGS[@]}" --batch-size 8 --grad-accum-steps 1 --output_dir "$dir")
     else

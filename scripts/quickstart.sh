@@ -49,7 +49,7 @@ fi
 COMMON=(--model deit_tiny_patch16_224 --input-size 32 --patch-size 4 --batch-size "$BATCH"
         --epochs "$EPOCHS" --unscale-lr --lr 1e-3 --warmup-epochs 0 --min-lr 1e-5 --drop-path 0.0
         --mixup 0 --cutmix 0 --aa none --reprob 0 --smoothing 0.1 --no-model-ema
-        --num_workers "$WORKERS" --device "$DEVICE" --seed 0 --print-freq 4 --resume none)
+        --num_workers "$WORKERS" --device "$DEVICE" --seed 0 --print-freq 4 --overwrite)
 
 BASELINE=($PY main.py "${COMMON[@]}" "${DATASET[@]}" --output_dir "$OUT/baseline")
 WITH_TOE=($PY main.py "${COMMON[@]}" "${DATASET[@]}" --toe-r1 0.5 --toe-ng 3 --toe-k 2 --toe-epochs "$TOE_EPOCHS"

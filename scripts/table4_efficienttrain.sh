@@ -54,9 +54,10 @@ for size in tiny small; do
     model="deit_${size}_patch16_224"
     curriculum=(--curriculum efficienttrain --curriculum-downsample fourier --curriculum-batch-scale)
     efficienttrain_run "deit_${size}_baseline" "$model"
-    efficienttrain_run "deit_${size}_efficienttrain" "$model" "${curriculum[@]}"
+    # SMOKE: 5 epochs, one per curriculum phase (main.py refuses a curriculum that skips its final size)
+    SMOKE_EPOCHS=5 efficienttrain_run "deit_${size}_efficienttrain" "$model" "${curriculum[@]}"
     toe_args 0.6 --toe-r0 0.3 --toe-stage-epochs "${stage_epochs[@]}" --toe-compat "$compat"
-    efficienttrain_run "deit_${size}_efficienttrain_toe_r1_0.6$(compat_suffix "$compat")" "$model" \
+    SMOKE_EPOCHS=5 efficienttrain_run "deit_${size}_efficienttrain_toe_r1_0.6$(compat_suffix "$compat")" "$model" \
         "${curriculum[@]}" "${TOE_ARGS[@]}"
 done
 

@@ -116,7 +116,7 @@ def test_batch_scale_keeps_the_global_batch_and_the_update(tmp_path):
     base = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--patch-size", "4",
             "--model-kwargs", "depth=2", "embed_dim=32", "num_heads=2", "--device", "cpu", "--num_workers", "0",
             "--data-set", "FAKE", "--fake-size", "64", "--batch-size", "8", "--grad-accum-steps", "2",
-            "--epochs", "2", "--curriculum-table", "0:16:0,1:32:0", "--aa", "none", "--reprob", "0",
+            "--epochs", "2", "--curriculum-table", "0:16:0,1:32:0", "--reprob", "0",
             "--mixup", "0", "--cutmix", "0", "--drop-path", "0", "--no-repeated-aug", "--no-model-ema",
             "--warmup-epochs", "0", "--unscale-lr", "--lr", "0.05", "--seed", "5",
             # SGD: the update is linear in the gradient; Adam would turn float noise in near-zero gradients

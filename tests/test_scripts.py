@@ -311,7 +311,7 @@ NOT_SPELLED = {
     "off": {"ThreeAugment", "attn_only", "bce_loss", "clip_grad", "cutmix_minmax", "curriculum_table", "lr_noise",
             "opt_betas", "resplit", "src", "toe_stage_epochs", "toe_sparse_eval", "token_label_gt", "toe_no_expand",
             "toe_no_merge", "unscale_lr", "token_label", "finetune", "curriculum_batch_scale", "sched_on_updates",
-            "train_cooldown"},
+            "train_cooldown", "overwrite"},
     "unused": {"lr_noise_pct", "lr_noise_std", "distillation_alpha", "distillation_tau", "teacher_model",
                "teacher_model_kwargs", "teacher_path"},
     "token_label_only": {"cls_weight", "dense_weight", "mix_token", "token_label_data", "token_label_size",
@@ -461,8 +461,9 @@ def test_smoke_runs_every_command_of_every_script(smoke):
         # main.py ran with the flags the script passed (args.json reads them back)
         passed = _parse_flags(smoke["argv"][run])
         assert {k: v for k, v in passed.items() if not summarize._same(args[k], v)} == {}, run
-        # one epoch each, 8x8 patches, and ToE kept the tokens its schedule says
-        assert [r["epoch"] for r in rows] == [0] and rows[0]["num_patches"] == 64, run
+        # one epoch each (a curriculum: one per phase), 8x8 patches, and ToE kept the tokens its schedule says
+        epochs = 5 if args["curriculum"] != "none" else 1
+        assert [r["epoch"] for r in rows] == list(range(epochs)) and rows[0]["num_patches"] == 64, run
         # the tokens of the epoch's training size (a curriculum trains smaller; patch 4 in SMOKE)
         patches = (rows[0]["train_input_size"] // 4) ** 2
         assert rows[0]["toe_tokens"] == _expected_tokens(args, 0, patches), run
