@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 from report.common import InputError
@@ -54,9 +55,13 @@ def load_args(run_dir: str) -> Optional[Dict[str, Any]]:
     return None
 
 
+OLD_RUN = re.compile(r"old-\d{8}-\d{6}(-\d+)?")
+
+
 def find_runs(paths: Sequence[str]) -> List[str]:
-    """Every folder holding a log.txt under ``paths`` (deduplicated, sorted). InputError on a missing path or a
-    path with no log.txt under it."""
+    """Every folder holding a log.txt under ``paths`` (deduplicated, sorted), leaving out the ``old-<time>/``
+    folders that ``--overwrite`` moved aside inside a run (name one as a path to read it). InputError on a
+    missing path or a path with no log.txt under it."""
     found: List[str] = []
     for path in paths:
         if not os.path.exists(path):
@@ -66,7 +71,12 @@ def find_runs(paths: Sequence[str]) -> List[str]:
                 raise InputError(f"not a run folder or log.txt: {path}")
             here = [os.path.dirname(os.path.abspath(path))]
         else:
-            here = [os.path.abspath(d) for d, _, files in os.walk(path) if "log.txt" in files]
+            here = []
+            for d, subdirs, files in os.walk(path):
+                if "log.txt" in files:
+                    here.append(os.path.abspath(d))
+                    # main.py --overwrite keeps a run's predecessors in <run>/old-<time>/: not runs of their own
+                    subdirs[:] = [s for s in subdirs if not OLD_RUN.fullmatch(s)]
         if not here:
             raise InputError(f"no log.txt under {path}")
         found.extend(here)

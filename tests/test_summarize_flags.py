@@ -201,3 +201,16 @@ def test_plots_into_a_file_is_one_error_line(tmp_path, where):
         f"summarize.py: error: --plots {tmp_path / where}: "
         + ("is a file" if where == "file" else f"is under the file {tmp_path / 'file'}") + ", not a folder"]
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_runs_moved_aside_by_overwrite_are_not_extra_runs(tmp_path):
+    """main.py --overwrite leaves the earlier run in <run>/old-<time>/; the summary reads only the live run,
+    unless the old folder is named itself. A run merely named old-something is still a run."""
+    from report.runargs import find_runs
+
+    live = write_run(tmp_path / "r", args_json(_tiny_vit(), 1), [10.0])
+    old = write_run(live / "old-20261129-120000", args_json(_tiny_vit(), 1), [9.0])
+    again = write_run(live / "old-20261129-120000-2", args_json(_tiny_vit(), 1), [8.0])
+    named = write_run(tmp_path / "old-runs", args_json(_tiny_vit(), 1), [7.0])
+    assert find_runs([str(tmp_path)]) == sorted([str(live), str(named)])
+    assert find_runs([str(old)]) == [str(old)] and find_runs([str(again / "log.txt")]) == [str(again)]
