@@ -18,9 +18,9 @@
 #                      bf16 is the safer choice on A100/H100).
 #   WORKERS            data-loader workers per GPU (default 10, DeiT's).
 #   TOE_COMPAT         none or official: --toe-compat of the runs that reproduce tables published with the
-#                      official ToE code (Table 2's DeiT-base r1 = 0.4 row and Table 4's ToE runs: default
-#                      official; Table 3: default none); official runs write to <name>_official. none runs the
-#                      paper's equations. Table 9 always runs both.
+#                      official ToE code (Table 2's DeiT-base r1 = 0.4 row, Table 3's and Table 4's ToE runs:
+#                      default official); official runs write to <name>_official. none runs the paper's
+#                      equations. Table 9 always runs both.
 #   ONLY               bash regex; only runs whose "table<t>/<name>" matches are launched.
 #   PYTHON             python interpreter (default python).  TORCHRUN  launcher (default torchrun).
 # Modes:
