@@ -104,6 +104,7 @@ class DataConfig:
     mixup: Optional[MixupConfig]
     smoothing: float
     bce_loss: bool
+    backend: str = "pil"  # --data-backend: pil | dali
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def _data(args: argparse.Namespace) -> DataConfig:
                                  simple_random_crop=args.src, eval_crop_ratio=_eval_crop_ratio(args))
     return DataConfig(spec, aug, args.batch_size, args.num_workers, args.pin_mem, args.prefetch_factor,
                       args.persistent_workers, args.repeated_aug, args.ra_reps, args.dist_eval, _mixup(args),
-                      args.smoothing, args.bce_loss)
+                      args.smoothing, args.bce_loss, args.data_backend)
 
 
 def _optim(args: argparse.Namespace, global_batch: int) -> OptimConfig:
