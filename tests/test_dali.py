@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, child_env, main_inprocess
+from conftest import ROOT, TINY, child_env, killed_main, last_json, main_inprocess, read_log, run_main
 
 # the augmentation recipe of DeiT at 64 px (the real-image set's size), as config/ builds it
 AUG = dict(input_size=64, aa="rand-m9-mstd0.5-inc1", color_jitter=0.3, train_interpolation="bicubic", reprob=0.0,
@@ -301,7 +301,8 @@ def test_eval_output_matches_pil(dali, real_image_set):
     assert labels.tolist() == [val.samples[i][1] for i in range(64)]
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     gap = ((images - reference).abs() * std)
-    assert gap.mean() < 1.0 and float(gap.quantile(0.99)) < 6.0, (float(gap.mean()), float(gap.max()))
+    # measured: mean 0.19, 99th percentile 1.0, max 9 levels (DALI's antialiased cubic vs PIL's bicubic)
+    assert gap.mean() < 0.5 and float(gap.quantile(0.99)) <= 1.5, (float(gap.mean()), float(gap.max()))
 
 
 def test_train_loader_is_seeded_and_erases_at_reprob(dali, real_image_set, monkeypatch):
@@ -359,3 +360,102 @@ def test_undecodable_file_is_named_or_skipped(dali, real_image_set, tmp_path):
     batches = list(DaliTrainLoader(lenient, sampler, _aug(), 13, 1, torch.device("cpu"), torch.Generator()))
     assert len(batches) == 1 and batches[0][0].shape == (13, 3, 64, 64)
     assert datasets.skipped_images(lenient) == 1 and datasets.bad_images(lenient) == [str(bad)]
+
+
+# ------------------------------------------------------------------------------ training through main.py
+# 48 px (the random-resized-crop branch; 32 px would take the padded-crop one), patch 8: 36 patches
+REAL = TINY + ["--input-size", "48", "--model-kwargs", "patch_size=8", "depth=3", "embed_dim=64", "num_heads=2",
+               "--data-set", "IMNET", "--batch-size", "25", "--epochs", "4", "--no-model-ema",
+               "--mixup", "0", "--cutmix", "0",
+               "--toe-r1", "0.5", "--toe-ng", "3", "--seed", "7", "--print-freq", "1", "--num_workers", "1"]
+
+
+def _real(root: Path, out: Path, backend: str) -> list:
+    return REAL + ["--data-path", str(root), "--output_dir", str(out), "--data-backend", backend]
+
+
+@pytest.fixture(scope="module")
+def dali_run(dali, real_image_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dali_run")
+    proc = run_main(_real(real_image_set, out, "dali"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_dali_training_learns_like_pil_and_records_the_backend(dali_run, real_image_set, tmp_path):
+    first = dali_run["stdout"].splitlines()[0]
+    assert first.startswith("run: ") and "data backend dali" in first
+    assert json.loads((dali_run["out"] / "args.json").read_text())["data_backend"] == "dali"
+    pil = run_main(_real(real_image_set, tmp_path, "pil"), timeout=600)
+    assert pil.returncode == 0, pil.stderr[-3000:]
+    ours, theirs = read_log(dali_run["out"] / "log.txt"), read_log(tmp_path / "log.txt")
+    assert [r["toe_stage"] for r in ours] == [r["toe_stage"] for r in theirs] == [1, 1, 2, 3]
+    # 10 classes, chance 10 %: both must learn (seen: pil 13-21 %, dali 14-19 % over the 4 epochs) and end
+    # within 8 points of each other (300 val images: one run's accuracy alone has a 2-point binomial sigma)
+    print("dali", [r["test_acc1"] for r in ours], "pil", [r["test_acc1"] for r in theirs])
+    assert max(r["test_acc1"] for r in ours) >= 16 and max(r["test_acc1"] for r in theirs) >= 16
+    assert abs(ours[-1]["test_acc1"] - theirs[-1]["test_acc1"]) <= 8
+    assert ours[-1]["train_loss"] < ours[0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_dali_kill_and_rerun_is_bitwise(dali_run, real_image_set, tmp_path):
+    import signal
+
+    import torch
+
+    args = _real(real_image_set, tmp_path, "dali")
+    proc = subprocess.run(killed_main(1, 3) + args, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    again = run_main(args, timeout=600)
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    ref = torch.load(dali_run["out"] / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    got = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+_RECORDING_MAIN = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+from dali_loader import loader
+_call = loader._BatchSource.__call__
+seen = {{"train": [], "eval": []}}
+def call(self, info):
+    out = _call(self, info)
+    kind = "train" if isinstance(self.loader, loader.DaliTrainLoader) else "eval"
+    seen[kind].extend(self.loader.batch_indices(self.indices, self.first + info.iteration))
+    return out
+loader._BatchSource.__call__ = call
+import main
+code = main.main(sys.argv[1:])
+with open(os.path.join({out!r}, "seen%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(seen, f)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_see_disjoint_samples_and_evaluate_exactly(dali, real_image_set, tmp_path):
+    script = tmp_path / "recording_main.py"
+    script.write_text(_RECORDING_MAIN.format(root=str(ROOT), out=str(tmp_path)))
+    args = _real(real_image_set, tmp_path, "dali") + ["--epochs", "1", "--toe-epochs", "3", "--no-repeated-aug",
+                                                      "--dist-eval"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(torchrun + [str(script)] + args, cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert not set(seen[0]["train"]) & set(seen[1]["train"])
+    assert len(seen[0]["train"]) == len(seen[1]["train"]) == 500  # 1000 images, 20 batches of 25 per rank
+    assert sorted(seen[0]["eval"] + seen[1]["eval"]) == list(range(300))  # each val image once
+    row = read_log(tmp_path / "log.txt")[0]
+    assert row["test_images"] == 300
+    # one process evaluating the saved weights gives the same numbers
+    single = run_main(REAL + ["--data-path", str(real_image_set), "--data-backend", "dali", "--eval",
+                              "--resume", str(tmp_path / "checkpoint.pth")], timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = last_json(single.stdout)
+    assert result["n"] == 300 and result["test_acc1"] == row["test_acc1"]
+    assert result["test_loss"] == pytest.approx(row["test_loss"], rel=1e-5)
