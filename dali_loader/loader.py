@@ -177,18 +177,14 @@ def _decodes(path: str) -> bool:
 
 def _to_torch(batch: Any, device: torch.device) -> torch.Tensor:
     """A DALI TensorList (CPU or GPU) as one torch tensor (on the GPU the copy stays on the device)."""
-    if hasattr(batch, "as_cpu") and type(batch).__name__ == "TensorListGPU":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+    if type(batch).__name__ == "TensorListGPU":
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         tensor = batch.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=_TORCH_TYPES[str(tensor.dtype)], device=device)
+        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
         return out
     return torch.from_numpy(np.array(batch.as_tensor()))
-
-
-_TORCH_TYPES = {"DALIDataType.FLOAT": torch.float32, "DALIDataType.INT64": torch.int64,
-                "DALIDataType.UINT8": torch.uint8, "DALIDataType.INT32": torch.int32}
 
 
 def augment_files(aug: Any, paths: Sequence[str], labels: Sequence[int], seed: int, batch_size: int = 64,
