@@ -58,14 +58,13 @@ def parse_policy(aa: str) -> RandAugmentPolicy:
         raise DataError(f"--data-backend dali supports RandAugment ('rand-...') policies only, got --aa '{aa}'")
     values: Dict[str, float] = {"m": 10.0, "n": 2, "p": 0.5, "mstd": 0.0, "mmax": 10.0, "inc": 0}
     for part in parts[1:]:
-        key = part.rstrip("0123456789.")
-        key = next((k for k in ("mstd", "mmax", "inc", "m", "n", "p") if part.startswith(k)), key)
+        key = next((k for k in ("mstd", "mmax", "inc", "m", "n", "p") if part.startswith(k)), "")
         try:
-            values[key] = float(part[len(key):])
-        except (ValueError, KeyError):
-            raise DataError(f"--data-backend dali cannot read the RandAugment section '{part}' of --aa '{aa}'") from None
-        if key not in ("mstd", "mmax", "inc", "m", "n", "p"):
-            raise DataError(f"--data-backend dali cannot read the RandAugment section '{part}' of --aa '{aa}'")
+            values[key] = float(part[len(key):]) if key else float("nan")
+        except ValueError:
+            key = ""
+        if not key:
+            raise DataError(f"--data-backend dali cannot read the section '{part}' of --aa '{aa}'")
     if not values["inc"]:
         raise DataError(f"--data-backend dali implements the increasing op set (inc1) only, got --aa '{aa}'")
     std = float("inf") if values["mstd"] > 100 else values["mstd"]
@@ -125,9 +124,9 @@ def _affine(a: float, b: float, c: float, d: float, e: float, f: float) -> np.nd
 
 # ---------------------------------------------------------------------------------------------------- ops
 @do_not_convert
-def build_ops(size: int) -> List[Any]:
-    """The 15 ops for size x size images (translations are relative to the side), plus identity last.
-    Magnitudes are timm's levels 0..10; each op's ``mag_range`` maps them to its argument as timm does."""
+def _point_ops() -> List[Any]:
+    """Ops without geometry or blending: AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd,
+    and the identity of a skipped layer."""
 
     @augmentation
     @do_not_convert
@@ -149,12 +148,6 @@ def build_ops(size: int) -> List[Any]:
     def invert(data, _=None):
         return _to_uint8(255.0 - fn.cast(data, dtype=types.FLOAT))
 
-    @augmentation(mag_range=(0, 10), randomly_negate=True,
-                  mag_to_param=do_not_convert(lambda level: _rotation_matrix(level / 10 * 30.0, size)))
-    @do_not_convert
-    def rotate(data, matrix):
-        return _warp(data, matrix)
-
     @do_not_convert
     def posterize_mask(level: float) -> np.ndarray:
         bits = 4 - int(level / 10 * 4)
@@ -165,17 +158,31 @@ def build_ops(size: int) -> List[Any]:
     def posterize(data, mask):
         return data & mask
 
-    @augmentation(mag_range=(0, 10), mag_to_param=do_not_convert(lambda level: np.float32(256 - int(level / 10 * 256))))
+    @augmentation(mag_range=(0, 10),
+                  mag_to_param=do_not_convert(lambda level: np.float32(256 - int(level / 10 * 256))))
     @do_not_convert
     def solarize(data, threshold):
         x = fn.cast(data, dtype=types.FLOAT)
         return _to_uint8(x + (x >= threshold) * (255.0 - 2.0 * x))
 
-    @augmentation(mag_range=(0, 10), mag_to_param=do_not_convert(lambda level: np.float32(min(128, int(level / 10 * 110)))))
+    @augmentation(mag_range=(0, 10),
+                  mag_to_param=do_not_convert(lambda level: np.float32(min(128, int(level / 10 * 110)))))
     @do_not_convert
     def solarize_add(data, add):
         x = fn.cast(data, dtype=types.FLOAT)
         return _to_uint8(x + (x < 128.0) * add)
+
+    @augmentation
+    @do_not_convert
+    def identity(data, _=None):
+        return data
+
+    return [auto_contrast, equalize, invert, posterize, solarize, solarize_add, identity]
+
+
+@do_not_convert
+def _enhance_ops() -> List[Any]:
+    """PIL's ImageEnhance blends at factor 1 +- 0.9 level / 10: Color, Contrast, Brightness, Sharpness."""
 
     @do_not_convert
     def enhance(level: float) -> np.ndarray:
@@ -205,6 +212,19 @@ def build_ops(size: int) -> List[Any]:
         smoothed = fn.filter(data, smooth, border="clamp")
         return _blend(smoothed, data, factor)
 
+    return [color, contrast, brightness, sharpness]
+
+
+@do_not_convert
+def _geometric_ops(size: int) -> List[Any]:
+    """Rotate, ShearX/Y, TranslateX/YRel (relative to the side ``size``), as PIL affine inverse maps."""
+
+    @augmentation(mag_range=(0, 10), randomly_negate=True,
+                  mag_to_param=do_not_convert(lambda level: _rotation_matrix(level / 10 * 30.0, size)))
+    @do_not_convert
+    def rotate(data, matrix):
+        return _warp(data, matrix)
+
     @augmentation(mag_range=(0, 10), randomly_negate=True,
                   mag_to_param=do_not_convert(lambda level: _affine(1, level / 10 * 0.3, 0, 0, 1, 0)))
     @do_not_convert
@@ -229,13 +249,17 @@ def build_ops(size: int) -> List[Any]:
     def translate_y(data, matrix):
         return _warp(data, matrix)
 
-    @augmentation
-    @do_not_convert
-    def identity(data, _=None):
-        return data
+    return [rotate, shear_x, shear_y, translate_x, translate_y]
 
-    return [auto_contrast, equalize, invert, rotate, posterize, solarize, solarize_add, color, contrast,
-            brightness, sharpness, shear_x, shear_y, translate_x, translate_y, identity]
+
+@do_not_convert
+def build_ops(size: int) -> List[Any]:
+    """The 15 ops for size x size images in timm's order (OP_NAMES), plus identity last. Magnitudes are
+    timm's levels 0..10; each op's ``mag_range`` / ``mag_to_param`` maps them to its argument as timm does."""
+    by_name = {op.name: op for op in _point_ops() + _enhance_ops() + _geometric_ops(size)}
+    order = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
+             "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y", "identity")
+    return [by_name[name] for name in order]
 
 
 @do_not_convert

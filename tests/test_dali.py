@@ -218,7 +218,8 @@ def dali_record(dali, real_image_set):
     shape = np.concatenate([b[3] for b in batches]).astype(float)
     return {"area": shape[:, 0] * shape[:, 1] / (sizes[:, 0] * sizes[:, 1]), "aspect": shape[:, 1] / shape[:, 0],
             "flips": int(np.concatenate([b[4] for b in batches]).sum()),
-            "ops": np.concatenate([b[5] for b in batches]).ravel(), "bins": np.concatenate([b[6] for b in batches]).ravel(),
+            "ops": np.concatenate([b[5] for b in batches]).ravel(),
+            "bins": np.concatenate([b[6] for b in batches]).ravel(),
             "images": np.concatenate([b[0] for b in batches]), "labels": np.concatenate([b[1] for b in batches]),
             "n": len(paths)}
 
@@ -459,3 +460,36 @@ def test_two_gloo_ranks_see_disjoint_samples_and_evaluate_exactly(dali, real_ima
     result = last_json(single.stdout)
     assert result["n"] == 300 and result["test_acc1"] == row["test_acc1"]
     assert result["test_loss"] == pytest.approx(row["test_loss"], rel=1e-5)
+
+
+def test_policies_it_cannot_run_are_refused_in_one_line(dali, real_image_set):
+    code, _, err = main_inprocess(REAL + ["--data-path", str(real_image_set), "--data-backend", "dali",
+                                          "--aa", "rand-m9-mstd0.5", "--epochs", "3"])
+    assert code == 2 and err.count("\n") == 1 and "inc1" in err, err
+
+
+def test_curriculum_phase_sets_size_and_magnitude(dali, real_image_set):
+    """A curriculum phase (datasets.aa_with_magnitude, as the trainer builds it) reaches the DALI graph:
+    40 px output and magnitude levels around 3."""
+    import datasets
+    from dali_loader.loader import augment_files
+    from dali_loader.randaugment import LEVEL_STEPS, OP_NAMES
+
+    paths, labels = _train_files(real_image_set)
+    phase = _aug().with_train_stage(40, datasets.aa_with_magnitude(AUG["aa"], 3))
+    batches = augment_files(phase, paths[:200], labels[:200], seed=1, batch_size=100)
+    images = np.concatenate([b[0] for b in batches])
+    ops, bins = (np.concatenate([b[k] for b in batches]).ravel() for k in (5, 6))
+    levels = bins[ops != len(OP_NAMES)] / LEVEL_STEPS
+    assert images.shape == (200, 3, 40, 40)
+    assert abs(levels.mean() - 3.0) < 0.15 and abs(levels.std() - 0.5) < 0.1
+
+
+@pytest.mark.slow
+def test_curriculum_training_with_dali(dali, real_image_set, tmp_path):
+    args = _real(real_image_set, tmp_path, "dali") + ["--epochs", "2", "--toe-epochs", "3",
+                                                      "--curriculum-table", "0:40:1,1:48:9"]
+    proc = run_main(args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_log(tmp_path / "log.txt")
+    assert [r["train_input_size"] for r in rows] == [40, 48] and [r["aa_magnitude"] for r in rows] == [1, 9]
