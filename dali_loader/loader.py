@@ -136,7 +136,7 @@ class DaliTrainLoader(_DaliLoaderBase):
 
             self.erasing = RandomErasing(probability=aug.reprob, mode=aug.remode, max_count=aug.recount,
                                          device=str(device))
-        dali_pipeline.build_train_pipeline(aug, 1, 1, None, 0, lambda info: None)  # refuse early what it lacks
+        dali_pipeline.supported_policy(aug)  # refuse what the graph lacks before the first epoch
 
     def _build(self, source: _BatchSource, seed: int):
         return dali_pipeline.build_train_pipeline(self.aug, self.batch_size, self.num_threads, self.device_id,

@@ -78,17 +78,22 @@ def _color_jitter(images, strength: float):
     return select([in_order(o) for o in orders], which, images, *factors)
 
 
-def build_train_pipeline(aug: Any, batch_size: int, num_threads: int, device_id: Optional[int], seed: int,
-                         source: Callable, debug: bool = False, prefetch: int = 2):
-    """The training graph of ``aug`` (datasets.AugmentConfig) fed by ``source(batch_info) -> (jpegs, labels)``.
-    Refuses (DataError) what it does not implement: 3-Augment, --src, non-RandAugment policies."""
+def supported_policy(aug: Any) -> Optional[randaugment.RandAugmentPolicy]:
+    """The RandAugment policy of ``aug`` (None without one); DataError for what the graph does not implement:
+    3-Augment, --src, policies other than timm's increasing RandAugment."""
     from errors import DataError
     import datasets
 
     if aug.three_augment or aug.simple_random_crop:
         raise DataError("--data-backend dali does not implement --ThreeAugment or --src; use --data-backend pil")
     aa = datasets.auto_augment_policy(aug.aa)
-    policy = randaugment.parse_policy(aa) if aa else None
+    return randaugment.parse_policy(aa) if aa else None
+
+
+def build_train_pipeline(aug: Any, batch_size: int, num_threads: int, device_id: Optional[int], seed: int,
+                         source: Callable, debug: bool = False, prefetch: int = 2):
+    """The training graph of ``aug`` (datasets.AugmentConfig) fed by ``source(batch_info) -> (jpegs, labels)``."""
+    policy = supported_policy(aug)
     size = int(aug.input_size)
     interp = types.INTERP_LINEAR if str(aug.train_interpolation).lower() == "bilinear" else types.INTERP_CUBIC
     decoder = "cpu" if device_id is None else "mixed"
