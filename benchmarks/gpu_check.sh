@@ -9,7 +9,7 @@
 #
 # Part 5 (issue 18) trains DeiT-tiny with ToE for 2 epochs with each --data-backend (pil, dali) on JPEGs: a
 # link farm of DATA (else of the project's imagenette-mini-64, repeated) in OUT/backend_data, and reports each
-# stage's train_img_per_s against bench_toe's model-only rate of that stage: below 80% of it = loader-bound.
+# stage's train_img_per_s against bench_toe's model-only rate at that keep rate: below 80% = loader-bound.
 # The dali run needs requirements-dali.txt; without it the part says so and is skipped.
 #
 # Settings (environment): OUT (default gpu_check_out) receives every log, summary.txt and summary.json;
@@ -228,11 +228,14 @@ for path in sorted(glob.glob(os.path.join(out, "bench_data_*.log"))):
     for need in r["needs"]:
         print(f"  {need['label']} at {need['train_img_per_s']:g} img/s needs >= {need['workers']} workers")
 
-rates = {}  # bench_toe's model-only img/s of DeiT-tiny per ToE stage (the loader must keep up with these)
+# bench_toe's model-only img/s of DeiT-tiny by keep rate: its stage 1 (r1 = 0.5) and the full-token step; the
+# part-5 runs use ng = 2, so their stage 1 keeps 0.5 of the tokens and their stage 2 all of them
+rates = {}
 for line in open(os.path.join(out, "rates.txt")) if os.path.isfile(os.path.join(out, "rates.txt")) else []:
     label, _, value = line.strip().rpartition("=")
-    if label.startswith("ToE stage "):
-        rates[int(label.split()[2])] = float(value)
+    keep = 1.0 if label == "DeiT-tiny full-token step" else 0.5 if label == "ToE stage 1 of DeiT-tiny" else None
+    if keep is not None:
+        rates[keep] = float(value)
 summary["backends"] = {}
 for backend in ("pil", "dali"):
     log = os.path.join(out, f"train_backend_{backend}", "log.txt")
@@ -241,7 +244,7 @@ for backend in ("pil", "dali"):
     rows = [json.loads(line) for line in open(log) if line.strip()]
     report = []
     for row in rows:
-        model_rate = rates.get(row.get("toe_stage"))
+        model_rate = rates.get(row.get("toe_keep_rate"))
         bound = model_rate is not None and row["train_img_per_s"] < 0.8 * model_rate
         report.append({"epoch": row["epoch"], "toe_stage": row.get("toe_stage"),
                        "train_img_per_s": row["train_img_per_s"], "model_only_img_per_s": model_rate,
