@@ -524,3 +524,28 @@ def test_curriculum_training_with_dali(dali, real_image_set, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_log(tmp_path / "log.txt")
     assert [r["train_input_size"] for r in rows] == [40, 48] and [r["aa_magnitude"] for r in rows] == [1, 9]
+
+
+def _bench_data():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "benchmarks" / "bench_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_data_compares_the_backends(dali, real_image_set, capsys):
+    bench = _bench_data()
+    code = bench.main(["--data-path", str(real_image_set), "--input-size", "64", "--batch-size", "16", "--batches",
+                       "2", "--repeats", "1", "--backend", "pil", "dali", "--only-backends", "--device", "cpu",
+                       "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = json.loads(out.strip().splitlines()[-1])["backends"]
+    assert [(r["backend"], r["cores"]) for r in rows][:2] == [("pil", 1), ("dali", 1)]
+    assert all(r["img_per_s"] > 0 and r["img_per_s_per_core"] == r["img_per_s"] for r in rows[:2])
+    assert "full training pipeline at 64 px by backend" in out
+    code = bench.main(["--fake-size", "64", "--backend", "dali", "--only-backends", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--backend dali reads image files" in err
