@@ -225,6 +225,10 @@ def _add_finetune_and_data(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-crop-ratio", default=None, type=float,
                    help="centre-crop share of the resized eval image (default: the model's crop_pct, else 0.875)")
     g.add_argument("--num_workers", default=10, type=int, help="data loader processes per training process (default: 10)")
+    g.add_argument("--data-backend", default="pil", choices=["pil", "dali"],
+                   help="pil: torchvision/timm transforms in DataLoader workers (the paper's); dali: the same recipe "
+                        "on NVIDIA DALI, decoded and augmented on the GPU (CPU-only with --device cpu), "
+                        "--num_workers = its threads; needs requirements-dali.txt (default: pil)")
     _on_off(g, "pin-mem", True, "page-locked host batches for faster copies to the GPU")
     g.add_argument("--prefetch-factor", default=2, type=int, help="batches each loader worker prepares ahead (default: 2)")
     _on_off(g, "persistent-workers", False, "keep loader workers alive between epochs: saves their start-up "

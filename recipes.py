@@ -26,7 +26,9 @@ class ClassificationRecipe:
         return {}
 
     def train_dataset(self, aug: Any, num_classes: int, seed: int):
-        dataset, _ = datasets.build_dataset(True, self.data_cfg.spec, datasets.build_transform(True, aug))
+        # --data-backend dali augments the files itself (dali_loader): the data set only lists them
+        transform = None if self.data_cfg.backend == "dali" else datasets.build_transform(True, aug)
+        dataset, _ = datasets.build_dataset(True, self.data_cfg.spec, transform)
         return dataset
 
     def criterion(self, teacher: Optional[Any], mixup_active: bool):

@@ -37,7 +37,7 @@ def run(cfg: Any) -> int:
     trainer = None
     try:
         print(f"run: {placement.world_size} process(es) on {device}, amp {cfg.run.amp}, global batch "
-              f"{cfg.run.global_batch}, lr {cfg.optim.lr:.4g}", flush=True)
+              f"{cfg.run.global_batch}, lr {cfg.optim.lr:.4g}, data backend {cfg.data.backend}", flush=True)
         print(json.dumps(cfg.flags, sort_keys=True), flush=True)
         trainer = Trainer(cfg, placement, device)
         code = trainer.throughput() if cfg.run.throughput else trainer.evaluate_only() if cfg.run.eval_only \
@@ -137,7 +137,8 @@ class Trainer:
         import datasets
 
         cfg = self.cfg
-        transform = datasets.build_eval_transform(cfg.model.input_size, cfg.data.aug.eval_crop_ratio)
+        dali = cfg.data.backend == "dali"  # DALI reads the files itself: no PIL transform
+        transform = None if dali else datasets.build_eval_transform(cfg.model.input_size, cfg.data.aug.eval_crop_ratio)
         self.val_set, self.num_classes = datasets.build_dataset(False, cfg.data.spec, transform)
         if len(self.val_set) == 0:
             raise UsageError(f"the validation split of {cfg.data.spec.name} is empty")
@@ -146,6 +147,12 @@ class Trainer:
                                                       rank=self.placement.rank)
         else:
             sampler = torch.utils.data.SequentialSampler(self.val_set)
+        if dali:
+            from dali_loader.loader import DaliEvalLoader
+
+            self.val_loader = DaliEvalLoader(self.val_set, sampler, cfg.model.input_size, cfg.data.aug.eval_crop_ratio,
+                                             int(1.5 * cfg.data.batch_size), cfg.data.num_workers, self.device)
+            return
         self.val_loader = torch.utils.data.DataLoader(
             self.val_set, sampler=sampler, batch_size=int(1.5 * cfg.data.batch_size), **self._loader_options())
 
@@ -283,6 +290,13 @@ class Trainer:
             self.train_set = self.recipe.train_dataset(self._phase_augment(epoch), self.num_classes,
                                                        self.cfg.run.seed)
         self.loader_phase = phase
+        if self.cfg.data.backend == "dali":
+            from dali_loader.loader import DaliTrainLoader
+
+            self.train_loader = _CountedLoader(DaliTrainLoader(
+                self.train_set, self.sampler, self._phase_augment(epoch), self.cfg.data.batch_size *
+                self._batch_scale(epoch), self.cfg.data.num_workers, self.device, self.loader_generator))
+            return
         self.train_loader = _CountedLoader(torch.utils.data.DataLoader(
             self.train_set, sampler=self.sampler, batch_size=self.cfg.data.batch_size * self._batch_scale(epoch),
             drop_last=True,

@@ -8,7 +8,9 @@ Measures, on a real JPEG folder (``--data-path``, an ImageFolder root with train
      over ``--repeats``;
   3. the loader workers per GPU that a training rate ``--train-img-per-s`` needs, from the per-worker rate;
   4. the cheap settings as on/off rows: persistent_workers (time to the first batch of the 2nd epoch),
-     prefetch_factor, pin_memory + non_blocking copies (CUDA only).
+     prefetch_factor, pin_memory + non_blocking copies (CUDA only);
+  5. with ``--backend pil dali``: the full training pipeline of each --data-backend side by side, img/s per
+     core (and, for DALI on CUDA, per GPU); see benchmarks/backends.py.
 
     python benchmarks/bench_data.py --data-path /work/shared/data/imagenette-mini-64 --input-size 224 \
         --workers 1 2 --train-img-per-s "ToE stage 1 of DeiT-tiny=2500"
@@ -32,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's datasets.py, from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # backends.py beside this file
 
 import datasets  # noqa: E402
 
@@ -80,6 +83,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="where batches go and mixup runs, as in training (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end with one JSON line of all the figures")
+    p.add_argument("--backend", nargs="+", choices=["pil", "dali"], default=[],
+                   help="also time the full training pipeline of these --data-backend values side by side")
+    p.add_argument("--dali-threads", type=int, default=4, help="DALI threads of the GPU pipeline row (default: 4)")
+    p.add_argument("--only-backends", action="store_true", help="with --backend: skip sections 1-4")
     args = p.parse_args(argv)
     cores = usable_cores()
     if args.workers is None:
@@ -382,6 +389,32 @@ def summarise(loader_rows: List[Dict[str, Any]], args: argparse.Namespace) -> Di
             "needs": needs, "cores": usable_cores()}
 
 
+def compare_backends(dataset: Dataset, num_classes: int, mixup: Any, device: torch.device,
+                     args: argparse.Namespace) -> Optional[List[Dict[str, Any]]]:
+    """Section 5 (benchmarks/backends.py); None after an error line."""
+    import backends
+
+    if "dali" in args.backend:
+        if args.fake_size is not None:
+            print(f"{PROG}: error: --backend dali reads image files; use --data-path, not --fake-size", file=sys.stderr)
+            return None
+        try:
+            import dali_loader
+
+            dali_loader.require_dali()
+        except ValueError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return None
+    files = None
+    if args.data_path:
+        files, _ = datasets.build_dataset(True, datasets.DataSpec(name="FOLDER", path=args.data_path,
+                                                                  skip_bad_images=False), None)
+    rows = backends.backend_rates(args.backend, dataset, files, deit_augment(args.input_size, args.aa), args,
+                                  make_consumer(mixup, device, non_blocking=False), run_epoch)
+    backends.print_backend_rates(rows, args.input_size)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -398,6 +431,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"batch {args.batch_size}, aa {args.aa}, device {device}")
     print(f"machine: {usable_cores()} usable cores ({cpu_model()}), torch {torch.__version__}")
 
+    backends = None
+    if args.backend:
+        backends = compare_backends(dataset, num_classes, mixup, device, args)
+        if backends is None:
+            return 2
+        if args.only_backends:
+            if args.json:
+                print(json.dumps({"data": source, "input_size": args.input_size, "backends": backends}))
+            return 0
     breakdown = per_image_breakdown(raw, transform, len(dataset), args.per_image, args.repeats,
                                     "decode" if args.fake_size is None else "generate (FAKE image)")
     mixup_s = mixup_cost(mixup, args.batch_size, args.input_size, num_classes, device, args.repeats)
@@ -422,7 +464,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "input_size": args.input_size, "batch_size": args.batch_size, "aa": args.aa,
                           "device": str(device), "cpu_model": cpu_model(), "torch": torch.__version__,
                           "per_image": breakdown, "mixup_s_per_batch": mixup_s, "loader": loader_rows,
-                          **result, "wins": wins}))
+                          **result, "wins": wins, "backends": backends}))
     return 0
 
 

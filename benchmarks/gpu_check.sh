@@ -7,6 +7,11 @@
 #   DATA=/imagenet bash benchmarks/gpu_check.sh      # also bench_data.py on that folder (<DATA>/train/...)
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh  # every part on CPU with tiny sizes (tests the script)
 #
+# Part 5 (issue 18) trains DeiT-tiny with ToE for 2 epochs with each --data-backend (pil, dali) on JPEGs: a
+# link farm of DATA (else of the project's imagenette-mini-64, repeated) in OUT/backend_data, and reports each
+# stage's train_img_per_s against bench_toe's model-only rate at that keep rate: below 80% = loader-bound.
+# The dali run needs requirements-dali.txt; without it the part says so and is skipped.
+#
 # Settings (environment): OUT (default gpu_check_out) receives every log, summary.txt and summary.json;
 # WORKERS loader workers of the training runs (default min(10, cores)); NPROC torchrun processes (default:
 # the visible GPUs); PYTHON (default python). A failing part is reported and the others still run; the
@@ -123,6 +128,36 @@ PY
       --device "$DEVICE" --train-img-per-s "${RATES[@]}" --json
   fi
 
+  # ---- 5. --data-backend pil vs dali: DeiT-tiny + ToE, 2 epochs each, on JPEGs ---------------------------------
+  JPEGS="${DATA:-$ROOT/../shared/data/imagenette-mini-64}"
+  if [[ -d "$JPEGS/train" ]]; then
+    "$PYTHON" - "$JPEGS" "$OUT/backend_data" "$FAKE" <<'PY'
+import os, sys
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# a fixed-size link farm: n training images (repeated when the source has fewer), n // 5 validation images
+for split, count in (("train", n), ("val", max(n // 5, 1))):
+    root = os.path.join(src, split if os.path.isdir(os.path.join(src, split)) else "train")
+    files = sorted((c, f) for c in os.listdir(root) for f in os.listdir(os.path.join(root, c)))
+    for k in range(count):
+        c, f = files[k % len(files)]
+        os.makedirs(os.path.join(dst, split, c), exist_ok=True)
+        link = os.path.join(dst, split, c, f"{k // len(files)}_{f}")
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(os.path.join(root, c, f)), link)
+PY
+    BACKEND_TRAIN=("${TRAIN[@]/FAKE/IMNET}" "${TOE[@]}" --data-path "$OUT/backend_data" --no-model-ema)
+    for backend in pil dali; do
+      if [[ "$backend" == dali ]] && ! "$PYTHON" -c 'import nvidia.dali' >/dev/null 2>&1; then
+        echo "[gpu_check] train_backend_dali         skipped: NVIDIA DALI not installed (pip install -r requirements-dali.txt)"
+        continue
+      fi
+      run_part "train_backend_$backend" "$PYTHON" main.py "${BACKEND_TRAIN[@]}" --data-backend "$backend" \
+        --output_dir "$OUT/train_backend_$backend"
+    done
+  else
+    echo "[gpu_check] train_backend_*            skipped: no JPEG folder (set DATA=<ImageFolder root>)"
+  fi
+
   # ---- summary ------------------------------------------------------------------------------------------------
   WORKERS="$WORKERS" "$PYTHON" - "$OUT" "${FAILED[@]}" <<'PY' | tee "$OUT/summary.txt"
 import glob, json, os, re, sys
@@ -192,6 +227,33 @@ for path in sorted(glob.glob(os.path.join(out, "bench_data_*.log"))):
     print(f"loader on {r['data']} at {r['input_size']} px: {rows} img/s")
     for need in r["needs"]:
         print(f"  {need['label']} at {need['train_img_per_s']:g} img/s needs >= {need['workers']} workers")
+
+# bench_toe's model-only img/s of DeiT-tiny by keep rate: its stage 1 (r1 = 0.5) and the full-token step; the
+# part-5 runs use ng = 2, so their stage 1 keeps 0.5 of the tokens and their stage 2 all of them
+rates = {}
+for line in open(os.path.join(out, "rates.txt")) if os.path.isfile(os.path.join(out, "rates.txt")) else []:
+    label, _, value = line.strip().rpartition("=")
+    keep = 1.0 if label == "DeiT-tiny full-token step" else 0.5 if label == "ToE stage 1 of DeiT-tiny" else None
+    if keep is not None:
+        rates[keep] = float(value)
+summary["backends"] = {}
+for backend in ("pil", "dali"):
+    log = os.path.join(out, f"train_backend_{backend}", "log.txt")
+    if not os.path.isfile(log):
+        continue
+    rows = [json.loads(line) for line in open(log) if line.strip()]
+    report = []
+    for row in rows:
+        model_rate = rates.get(row.get("toe_keep_rate"))
+        bound = model_rate is not None and row["train_img_per_s"] < 0.8 * model_rate
+        report.append({"epoch": row["epoch"], "toe_stage": row.get("toe_stage"),
+                       "train_img_per_s": row["train_img_per_s"], "model_only_img_per_s": model_rate,
+                       "loader_bound": bound if model_rate is not None else None})
+        verdict = "unknown (no bench_toe rate)" if model_rate is None else \
+            f"{'LOADER-BOUND' if bound else 'compute-bound'} (model alone {model_rate:.0f} img/s)"
+        print(f"--data-backend {backend:<4} epoch {row['epoch']} ToE stage {row.get('toe_stage')}: "
+              f"{row['train_img_per_s']:.0f} img/s, {verdict}")
+    summary["backends"][backend] = report
 
 print(f"failed parts: {', '.join(failed) if failed else 'none'}")
 with open(os.path.join(out, "summary.json"), "w") as f:

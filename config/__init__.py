@@ -106,6 +106,7 @@ class DataConfig:
     mixup: Optional[MixupConfig]
     smoothing: float
     bce_loss: bool
+    backend: str = "pil"  # --data-backend: pil | dali
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ def _data(args: argparse.Namespace) -> DataConfig:
                                  simple_random_crop=args.src, eval_crop_ratio=_eval_crop_ratio(args))
     return DataConfig(spec, aug, args.batch_size, args.num_workers, args.pin_mem, args.prefetch_factor,
                       args.persistent_workers, args.repeated_aug, args.ra_reps, args.dist_eval, _mixup(args),
-                      args.smoothing, args.bce_loss)
+                      args.smoothing, args.bce_loss, args.data_backend)
 
 
 def _optim(args: argparse.Namespace, global_batch: int) -> OptimConfig:
@@ -360,7 +361,7 @@ BLOCKING_CHANGES = ("model", "model_kwargs", "patch_size", "input_size", "toe_r1
 ARCHITECTURE_FLAGS = ("model", "model_kwargs", "patch_size", "input_size")
 # flags that may change (a longer schedule, another batch), with a notice in the output and in log.txt
 NOTED_CHANGES = ("epochs", "lr", "batch_size", "grad_accum_steps", "global_batch", "unscale_lr",
-                 "curriculum_batch_scale", "train_cooldown")
+                 "curriculum_batch_scale", "train_cooldown", "data_backend")
 
 
 def changes_since(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:

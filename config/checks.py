@@ -205,6 +205,22 @@ def _check_eval_weights(args: argparse.Namespace) -> None:
                          f"{args.resume})")
 
 
+def _check_data_backend(args: argparse.Namespace) -> None:
+    """--data-backend dali: refuse what its pipeline does not implement, then check that DALI imports."""
+    if args.data_backend != "dali" or args.throughput:
+        return
+    unsupported = [(args.token_label, "--token-label (its label maps must follow the crop)"),
+                   (args.data_set in ("CIFAR10", "CIFAR100"), f"--data-set {args.data_set} (python arrays, no files)"),
+                   (args.data_set == "FAKE", "--data-set FAKE (generated images, no files)"),
+                   (args.ThreeAugment, "--ThreeAugment"), (args.src, "--src")]
+    for given, what in unsupported:
+        if given:
+            raise UsageError(f"--data-backend dali does not support {what}; use --data-backend pil")
+    import dali_loader
+
+    dali_loader.require_dali()
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Every check that needs neither torch nor data. Raises UsageError."""
     _check_ranges(args)
@@ -217,6 +233,7 @@ def check_flags(args: argparse.Namespace) -> None:
                          "training entry makes none")
     _check_toe_flags(args)
     _check_data(args)
+    _check_data_backend(args)
     _check_token_label(args)
     mixing = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and not args.token_label
     if mixing and args.batch_size % 2:

@@ -305,7 +305,7 @@ def test_each_flag_once():
 NOT_SPELLED = {
     "run": {"device", "dist_url", "local_rank", "eval", "throughput", "resume", "resume_changed_ok", "start_epoch",
             "print_freq", "compile", "compile_backend", "grad_checkpointing", "model_ema_force_cpu", "opt_impl",
-            "persistent_workers",
+            "persistent_workers", "data_backend",
             "prefetch_factor", "skip_bad_images", "world_size", "fake_size", "nb_classes", "inat_category",
             "model_kwargs", "patch_size"},
     "off": {"ThreeAugment", "attn_only", "bce_loss", "clip_grad", "cutmix_minmax", "curriculum_table", "lr_noise",
