@@ -273,9 +273,12 @@ def test_image_statistics_match_pil(pil_record, dali_record, real_image_set):
     paths, _ = _train_files(real_image_set)
     import random
 
+    # the same 1000 files on both paths, so only the augmentations' randomness differs; timm's RandAugment also
+    # draws from numpy, which must be seeded for the PIL side to be repeatable
     random.seed(1)
+    np.random.seed(1)
     torch.manual_seed(1)
-    pil = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[::4]]).numpy()
+    pil = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths]).numpy()
     ours = dali_record["images"]
     assert ours.shape[1:] == (3, 64, 64)
     assert np.abs(ours.mean(axis=(0, 2, 3)) - pil.mean(axis=(0, 2, 3))).max() < 0.08
