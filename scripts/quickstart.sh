@@ -8,7 +8,7 @@
 #
 # Data: the synthetic FAKE set by default; CIFAR-10 when ${DATA:-data}/cifar-10-batches-py exists and a
 # GPU is present (a CIFAR-10 epoch takes too long on a CPU). Force it with QS_DATA=cifar10 or QS_DATA=fake.
-# Knobs (environment): EPOCHS (3), FAKE_SIZE (384), BATCH (64), DEVICE (auto), OUT (output/quickstart),
+# Knobs (environment): EPOCHS (3), FAKE_SIZE (384), BATCH (32), DEVICE (auto), OUT (output/quickstart),
 # PYTHON (python), DRY_RUN=1 (print the three commands, run nothing).
 # ToE's 3 stages span max(EPOCHS, 3) epochs, so EPOCHS=1 or 2 stops early in the schedule (stage 1 keeps
 # half of the tokens) instead of failing.
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 EPOCHS=${EPOCHS:-3}
 FAKE_SIZE=${FAKE_SIZE:-384}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-32}
 OUT=${OUT:-output/quickstart}
 PY=${PYTHON:-python}
 for _v in EPOCHS FAKE_SIZE BATCH; do

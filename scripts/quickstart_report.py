@@ -2,7 +2,7 @@
 """The quickstart's summary of OUT/baseline and OUT/toe (two main.py runs of one model, without and with ToE):
 accuracy, training img/s and time (log.txt), GFLOPs per iteration, and the training-step time of each run.
 
-usage: python scripts/quickstart_report.py OUT [--reps 5] [--warmup 1] [--settle 1]
+usage: python scripts/quickstart_report.py OUT [--reps 7] [--warmup 1] [--settle 1]
 
 Epoch img/s on a shared machine swing by tens of percent from run to run, so the speed ratio is taken from
 step times instead: each run's training step (model, ToE schedule, batch, optimizer and AMP rebuilt from
@@ -18,7 +18,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -44,7 +47,7 @@ def run_summary(run_dir: Path) -> Dict[str, Any]:
             "tokens": "/".join(str(r["toe_tokens"]) for r in rows)}
 
 
-def run_config(run_dir: Path):
+def run_config(run_dir: Path) -> Any:
     """The run's config.Config, rebuilt from main.py's defaults and the flags its args.json records."""
     import config
     import main
@@ -68,8 +71,8 @@ def stage_epochs(cfg: Any) -> List[int]:
     return [cfg.toe.schedule.stage(epoch) for epoch in range(cfg.run.epochs)]
 
 
-def _step_configs(cfgs: Dict[str, Any], device) -> Dict[str, Any]:
-    """{'baseline': step, 'ToE stage s': step, ...}: one training step per configuration, for the stages
+def _step_configs(cfgs: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """{'baseline': step, 'toe stage s': step, ...}: one training step per configuration, for the stages
     the ToE run trained in, on a fixed random batch of the runs' size."""
     import torch
 
@@ -113,8 +116,8 @@ def step_times(cfgs: Dict[str, Any], reps: int, warmup: int, settle: int = 1) ->
         torch.set_num_threads(1)  # CPU time over several threads would count their spin-waits too
     steps = _step_configs(cfgs, device)
     steptime.warm_up(steps, warmup)
-    med = steptime.medians(steptime.time_interleaved(steps, reps, settle=settle, device=device,
-                                                             clock=steptime.CLOCKS[clock]))
+    times = steptime.time_interleaved(steps, reps, settle=settle, device=device, clock=steptime.CLOCKS[clock])
+    med = steptime.medians(times)
     out = {}
     for name, cfg in cfgs.items():
         stages = stage_epochs(cfg)
@@ -148,7 +151,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = _Parser(prog="quickstart_report.py", description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path, help="the quickstart's OUT: holds baseline/ and toe/")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per configuration (default 5)")
+    p.add_argument("--reps", type=int, default=7, help="timed steps per configuration (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every configuration first (default 1)")
     p.add_argument("--settle", type=int, default=1,
                    help="untimed steps of a configuration right before each of its timed steps (default 1)")
