@@ -2,7 +2,7 @@
 """The quickstart's summary of OUT/baseline and OUT/toe (two main.py runs of one model, without and with ToE):
 accuracy, training img/s and time (log.txt), GFLOPs per iteration, and the training-step time of each run.
 
-usage: python scripts/quickstart_report.py OUT [--reps 5] [--warmup 1] [--settle 1]
+usage: python scripts/quickstart_report.py OUT [--reps 7] [--warmup 1] [--settle 1]
 
 Epoch img/s on a shared machine swing by tens of percent from run to run, so the speed ratio is taken from
 step times instead: each run's training step (model, ToE schedule, batch, optimizer and AMP rebuilt from
@@ -151,7 +151,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = _Parser(prog="quickstart_report.py", description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path, help="the quickstart's OUT: holds baseline/ and toe/")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per configuration (default 5)")
+    p.add_argument("--reps", type=int, default=7, help="timed steps per configuration (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every configuration first (default 1)")
     p.add_argument("--settle", type=int, default=1,
                    help="untimed steps of a configuration right before each of its timed steps (default 1)")
