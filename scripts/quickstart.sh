@@ -32,7 +32,7 @@ TOE_EPOCHS=$(( EPOCHS < 3 ? 3 : EPOCHS ))  # the schedule needs at least one epo
 
 DRY_RUN=${DRY_RUN:-0}
 if [ "$DRY_RUN" = 1 ]; then
-    HAS_GPU=0  # DRY_RUN=1 prints the two commands (CPU unless DEVICE is set) and runs nothing
+    HAS_GPU=0  # DRY_RUN=1 prints the three commands (CPU unless DEVICE is set) and runs nothing
 else
     HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 fi
