@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's `toe`
 
+import steptime  # noqa: E402
 import toe  # noqa: E402
 from toe.flops import create_model, gflops_per_iteration  # noqa: E402
 
@@ -87,46 +87,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 CLOCK = time.perf_counter
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = CLOCK()
-    fn()
-    _sync(device)
-    return CLOCK() - start
+    return steptime.timed(fn, device, CLOCK)
 
 
 def make_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool) -> Callable[[], None]:
-    """One training iteration on a fixed batch: forward, cross-entropy, backward, AdamW step."""
-    from timm.optim import create_optimizer_v2
-
-    device = images.device
-    # DeiT's optimizer settings; the values do not matter for speed. Built on the module under compile.
-    optimizer = create_optimizer_v2(toe.unwrap_model(model), "adamw", lr=5e-4, weight_decay=0.05)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            out = model(images)
-            loss = F.cross_entropy(out.float(), labels)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-
-    return step
+    """One training iteration on a fixed batch: forward, cross-entropy, backward, AdamW step (steptime's);
+    ``amp``: autocast in bfloat16 on CPU, float16 with a GradScaler on CUDA."""
+    amp_dtype = (torch.float16 if images.device.type == "cuda" else torch.bfloat16) if amp else None
+    return steptime.make_step(model, images, labels, amp_dtype=amp_dtype)
 
 
 def block_input(model: torch.nn.Module, images: torch.Tensor, layer: int, amp: bool) -> torch.Tensor:
@@ -217,21 +189,18 @@ def _step_configs(args, schedule, plain, patched, compiled, images, labels) -> D
 def _time_configs(args, configs: Dict[str, Callable[[], None]], device: torch.device):
     """Interleaved, order-rotated timing of every configuration. Returns (times, graphs compiled in warmup,
     graphs compiled during the timed reps)."""
-    times: Dict[str, List[float]] = {name: [] for name in configs}
     names = list(configs)
     for warm in range(max(args.warmup, 1 if args.compile else 0)):
-        for name in names:
-            if warm < args.warmup or name.endswith(" compiled"):  # compiling must not be timed
-                configs[name]()
+        # compiled configurations always warm up once: compiling must not be timed
+        steptime.warm_up({n: configs[n] for n in names if warm < args.warmup or n.endswith(" compiled")})
     graphs_after_warmup = _unique_graphs() if args.compile else 0
-    for rep in range(args.reps):
-        # Rotate which configuration starts a round, so that none is always timed first (drift in a round).
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            for _ in range(args.settle):
-                configs[name]()
-            times[name].append(_timed(configs[name], device))
+
+    def report(rep: int, times: Dict[str, List[float]]) -> None:
         print(f"rep {rep + 1}/{args.reps}: " + "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names),
               file=sys.stderr, flush=True)
+
+    times = steptime.time_interleaved(configs, args.reps, settle=args.settle, device=device, clock=CLOCK,
+                                      on_round=report)
     graphs_in_reps = _unique_graphs() - graphs_after_warmup if args.compile else 0
     return times, graphs_after_warmup, graphs_in_reps
 
@@ -315,7 +284,7 @@ def _report_speedup(args, theory, times, med, lengths, worst_share: float) -> Di
 def main(argv: Optional[List[str]] = None) -> int:
     global CLOCK
     args = parse_args(argv)
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    CLOCK = steptime.CLOCKS[args.clock]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

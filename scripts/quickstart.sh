@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Quickstart, offline: DeiT-tiny (dim 192, depth 12, 3 heads) at 32 px with patch 4 (8x8 = 64 tokens),
-# trained twice with the same seed, without and with ToE (r1=0.5, ng=3, k=2), then both runs' accuracy
-# and training img/s are printed side by side.
+# trained twice with the same seed, without and with ToE (r1=0.5, ng=3, k=2), then both runs' accuracy,
+# training img/s (log.txt), GFLOPs and training-step time are printed side by side
+# (scripts/quickstart_report.py). The speed ratio comes from the step times: both runs' training steps
+# timed again in one process, interleaved, median after warm-up, with the process's CPU time on a CPU
+# (epoch img/s on a shared machine vary too much from run to run to compare two runs by).
 #
 # Data: the synthetic FAKE set by default; CIFAR-10 when ${DATA:-data}/cifar-10-batches-py exists and a
 # GPU is present (a CIFAR-10 epoch takes too long on a CPU). Force it with QS_DATA=cifar10 or QS_DATA=fake.
-# Knobs (environment): EPOCHS (3), FAKE_SIZE (384), BATCH (64), DEVICE (auto), OUT (output/quickstart).
+# Knobs (environment): EPOCHS (3), FAKE_SIZE (384), BATCH (32), DEVICE (auto), OUT (output/quickstart),
+# PYTHON (python), DRY_RUN=1 (print the three commands, run nothing).
 # ToE's 3 stages span max(EPOCHS, 3) epochs, so EPOCHS=1 or 2 stops early in the schedule (stage 1 keeps
 # half of the tokens) instead of failing.
 # A short schedule uses light augmentation (no mixup/cutmix/RandAugment/erasing) so 3 epochs learn
@@ -16,7 +20,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 EPOCHS=${EPOCHS:-3}
 FAKE_SIZE=${FAKE_SIZE:-384}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-32}
 OUT=${OUT:-output/quickstart}
 PY=${PYTHON:-python}
 for _v in EPOCHS FAKE_SIZE BATCH; do
@@ -28,9 +32,9 @@ TOE_EPOCHS=$(( EPOCHS < 3 ? 3 : EPOCHS ))  # the schedule needs at least one epo
 
 DRY_RUN=${DRY_RUN:-0}
 if [ "$DRY_RUN" = 1 ]; then
-    HAS_GPU=0  # DRY_RUN=1 prints the two commands (CPU unless DEVICE is set) and runs nothing
+    HAS_GPU=0  # DRY_RUN=1 prints the three commands (CPU unless DEVICE is set) and runs nothing
 else
-    HAS_GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+    HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 fi
 DEVICE=${DEVICE:-$([ "$HAS_GPU" = 1 ] && echo cuda || echo cpu)}
 # on a CPU, loader worker processes only compete with the model for the cores
@@ -51,12 +55,14 @@ COMMON=(--model deit_tiny_patch16_224 --input-size 32 --patch-size 4 --batch-siz
         --mixup 0 --cutmix 0 --aa none --reprob 0 --smoothing 0.1 --no-model-ema
         --num_workers "$WORKERS" --device "$DEVICE" --seed 0 --print-freq 4 --overwrite)
 
-BASELINE=($PY main.py "${COMMON[@]}" "${DATASET[@]}" --output_dir "$OUT/baseline")
-WITH_TOE=($PY main.py "${COMMON[@]}" "${DATASET[@]}" --toe-r1 0.5 --toe-ng 3 --toe-k 2 --toe-epochs "$TOE_EPOCHS"
+BASELINE=("$PY" main.py "${COMMON[@]}" "${DATASET[@]}" --output_dir "$OUT/baseline")
+WITH_TOE=("$PY" main.py "${COMMON[@]}" "${DATASET[@]}" --toe-r1 0.5 --toe-ng 3 --toe-k 2 --toe-epochs "$TOE_EPOCHS"
           --output_dir "$OUT/toe")
+REPORT=("$PY" scripts/quickstart_report.py "$OUT")
 if [ "$DRY_RUN" = 1 ]; then
     printf '%q ' "${BASELINE[@]}"; echo
     printf '%q ' "${WITH_TOE[@]}"; echo
+    printf '%q ' "${REPORT[@]}"; echo
     exit 0
 fi
 
@@ -65,31 +71,5 @@ echo "== [1/2] baseline (all tokens) -> $OUT/baseline"
 "${BASELINE[@]}"
 echo "== [2/2] ToE r1=0.5 ng=3 k=2 -> $OUT/toe"
 "${WITH_TOE[@]}"
-
-$PY - "$OUT" <<'EOF'
-import sys
-from pathlib import Path
-
-import runlog
-
-out = Path(sys.argv[1])
-
-def summary(name):
-    rows = runlog.epoch_rows(str(out / name / "log.txt"))
-    last = rows[-1]
-    imgs = sum(r["train_img_per_s"] * r["epoch_time"] for r in rows)
-    secs = sum(r["epoch_time"] for r in rows)
-    gf = [r["gflops_per_iter"] for r in rows if r.get("gflops_per_iter") is not None]
-    return {"acc1": last["test_acc1"], "acc5": last["test_acc5"], "img_s": imgs / secs, "train_s": secs,
-            "gflops": sum(gf) / len(gf) if gf else float("nan"),
-            "tokens": "/".join(str(r["toe_tokens"]) for r in rows)}
-
-b, t = summary("baseline"), summary("toe")
-print()
-print(f"{'run':<10}{'acc@1':>8}{'acc@5':>8}{'train img/s':>13}{'train s':>9}{'GFLOPs/iter':>13}  tokens/epoch")
-for name, s in (("baseline", b), ("ToE", t)):
-    print(f"{name:<10}{s['acc1']:>8.2f}{s['acc5']:>8.2f}{s['img_s']:>13.1f}{s['train_s']:>9.1f}"
-          f"{s['gflops']:>13.3f}  {s['tokens']}")
-print(f"ToE/baseline: {t['img_s'] / b['img_s']:.2f}x img/s, {b['gflops'] / t['gflops']:.2f}x fewer GFLOPs")
-print(f"more (best/final top-1, GPU hours, speed-ups): python scripts/summarize.py {out}")
-EOF
+echo "== step time: both runs' training steps, timed interleaved in one process"
+"${REPORT[@]}"

@@ -154,3 +154,29 @@ def test_gpu_check_cpu_quick_runs_every_part(tmp_path):
     fake = summary["bench_data"]["bench_data_fake"]
     assert [need["label"] for need in fake["needs"]][:2] == ["DeiT-tiny full-token step", "ToE stage 1 of DeiT-tiny"]
     assert "==== gpu_check summary ====" in proc.stdout and "failed parts: none" in proc.stdout
+
+
+def test_bench_toe_times_every_configuration_interleaved(capsys):
+    """bench_toe.py on steptime: --reps CPU-clock times per configuration, the stage steps run with the
+    tokens toe.flops counts, and the printed speed-up is the baseline's median over the schedule-weighted
+    mean of the stages' medians."""
+    import statistics
+
+    spec = importlib.util.spec_from_file_location("bench_toe", ROOT / "benchmarks" / "bench_toe.py")
+    bench_toe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_toe)
+    code = bench_toe.main(["--img-size", "32", "--batch-size", "2", "--reps", "3", "--warmup", "1",
+                           "--op-reps", "2", "--threads", "1", "--clock", "cpu", "--epochs", "4", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    times = result["times_s"]
+    assert list(times) == ["baseline", "stage 1", "stage 2", "stage 3"]
+    assert all(len(v) == 3 and min(v) > 0 for v in times.values())
+    assert [line.split(":")[0] for line in out.err.splitlines() if line.startswith("rep ")] == \
+        ["rep 1/3", "rep 2/3", "rep 3/3"]
+    # 32 px, patch 16: 4 patches (+ CLS); keep 0.5 / 0.75 / 1.0 -> 2 / 3 / 4 patches; stages of 2, 1, 1 epochs
+    assert [(s["tokens"], s["epochs"]) for s in result["stages"]] == [(3, 2), (4, 1), (5, 1)]
+    med = {name: statistics.median(v) for name, v in times.items()}
+    weighted = (2 * med["stage 1"] + med["stage 2"] + med["stage 3"]) / 4
+    assert result["practical_speedup"] == pytest.approx(med["baseline"] / weighted)

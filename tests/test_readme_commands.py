@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -130,7 +131,7 @@ def test_readme_script_commands_dry_run(tmp_path):
         run_env = child_env()
         run_env.update(env)
         # a real DRY_RUN writes nothing; OUT still points into the test's folder in case one ever did
-        run_env.update(DRY_RUN="1", OUT=str(tmp_path / "out"))
+        run_env.update(DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
         proc = subprocess.run(["bash", str(path)], cwd=ROOT, env=run_env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, f"DRY_RUN=1 {original}: exit {proc.returncode}\n{proc.stderr[-2000:]}"

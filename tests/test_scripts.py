@@ -17,7 +17,9 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,7 @@ def _env(**extra: str) -> Dict[str, str]:
                         "IMAGENET", "AMP", "WORKERS", "FIG4_R1", "TOE_COMPAT", "TORCHRUN", "EPOCHS",
                         "FAKE_SIZE", "BATCH", "QS_DATA", "DEVICE")
            and not k.startswith(("CIFAR_", "LVVIT_"))}
+    env["PYTHON"] = sys.executable  # the scripts run this interpreter, not whichever python PATH finds
     env.update(extra)
     return env
 
@@ -377,25 +380,81 @@ def test_finished_runs_are_skipped_on_every_node(tmp_path):
         assert len(launched) == 1 and f"--node_rank {rank} " in launched[0] and "deit_tiny_layer3" in launched[0]
 
 
+def _path_without_python(folder: Path) -> str:
+    """A PATH of one folder holding a link to every program of this PATH except python*: the scripts find
+    bash, coreutils, awk, ... but no python, as with a virtual environment used without activating it."""
+    folder.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.scandir(directory):
+            link = folder / entry.name
+            if entry.name.startswith("python") or os.path.lexists(link) or not os.access(entry.path, os.X_OK):
+                continue
+            link.symlink_to(entry.path)
+    assert not any(shutil.which(name, path=str(folder)) for name in ("python", "python3"))
+    return str(folder)
+
+
+def test_scripts_run_python_from_PYTHON_not_PATH(tmp_path):
+    """With no python on PATH, a script that runs python (common.sh's check for a finished run) works
+    through PYTHON: every run of Table 8 is found complete and skipped (without python each would launch)."""
+    out = tmp_path / "out"
+    runs = ("table2/deit_tiny_toe_r1_0.5", "table8/deit_tiny_layer0", "table8/deit_tiny_layer2",
+            "table8/deit_tiny_layer3")
+    for name in runs:
+        _write_complete_log(out / name, 300)
+    res = _bash("table8_layer", OUT=str(out), DATA=str(tmp_path), TORCHRUN="echo",
+                PATH=_path_without_python(tmp_path / "bin"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(": complete (300 epochs in ") == len(runs) and "--nproc_per_node" not in res.stdout
+
+
 def test_quickstart_rejects_bad_epochs():
-    res = subprocess.run(["bash", str(SCRIPTS / "quickstart.sh")], cwd=ROOT, env=_env(EPOCHS="0"), text=True,
-                         capture_output=True, timeout=60)
+    res = _bash("quickstart", timeout=60, EPOCHS="0")
     assert (res.returncode, res.stdout, res.stderr) == (2, "", "error: EPOCHS must be a positive integer, got '0'\n")
+
+
+def test_quickstart_dry_run_prints_its_three_commands(tmp_path):
+    """Both training runs (main.py's parser takes their flags; they differ only in ToE and the output folder)
+    and the report, all with the interpreter PYTHON names."""
+    import main
+
+    res = _bash("quickstart", timeout=60, DRY_RUN="1", OUT=str(tmp_path / "qs"), EPOCHS="2")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    base, toe, report = [shlex.split(line) for line in res.stdout.splitlines()]
+    assert base[:2] == toe[:2] == [sys.executable, "main.py"]
+    assert report == [sys.executable, "scripts/quickstart_report.py", str(tmp_path / "qs")]
+    b, t = (vars(main.get_args_parser().parse_args(cmd[2:])) for cmd in (base, toe))
+    assert {k for k in b if b[k] != t[k]} == {"toe_r1", "toe_epochs", "output_dir"}
+    assert (b["epochs"], t["toe_epochs"], t["toe_r1"], t["toe_ng"], t["toe_k"]) == (2, 3, 0.5, 3, 2)
+    assert "--toe-ng" in toe and "--toe-k" in toe
+    assert not (tmp_path / "qs").exists()
 
 
 @pytest.mark.slow
 def test_quickstart_one_epoch(tmp_path):
-    """EPOCHS=1 (< ng = 3 stages) runs: ToE's stages span 3 epochs, so epoch 0 keeps r1 = 50% of the tokens."""
-    res = subprocess.run(["bash", str(SCRIPTS / "quickstart.sh")], cwd=ROOT, text=True, capture_output=True,
-                         timeout=600, env=_env(EPOCHS="1", FAKE_SIZE="32", BATCH="16", DEVICE="cpu",
-                                               OUT=str(tmp_path), QS_DATA="fake", OMP_NUM_THREADS="1"))
+    """EPOCHS=1 (< ng = 3 stages) runs: ToE's stages span 3 epochs, so epoch 0 keeps r1 = 50% of the tokens.
+    No python on PATH: every step runs the interpreter PYTHON names. The report's table holds each run's
+    step time; the ratios printed under it are those of the step times and of log.txt's GFLOPs."""
+    res = _bash("quickstart", timeout=600, EPOCHS="1", FAKE_SIZE="32", BATCH="16", DEVICE="cpu",
+                OUT=str(tmp_path), QS_DATA="fake", OMP_NUM_THREADS="1", PATH=_path_without_python(tmp_path / "bin"))
     assert res.returncode == 0, res.stderr[-3000:]
     import runlog
 
-    rows = runlog.epoch_rows(str(tmp_path / "toe" / "log.txt"))
-    assert [(r["epoch"], r["toe_tokens"], r["num_patches"]) for r in rows] == [(0, 32, 64)]
+    rows = {name: runlog.epoch_rows(str(tmp_path / name / "log.txt")) for name in ("baseline", "toe")}
+    assert [(r["epoch"], r["toe_tokens"], r["num_patches"]) for r in rows["toe"]] == [(0, 32, 64)]
     assert json.loads((tmp_path / "toe" / "args.json").read_text())["toe_epochs"] == 3
-    assert "ToE/baseline:" in res.stdout and "summarize.py" in res.stdout.splitlines()[-1]
+    lines = res.stdout.splitlines()
+    table = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["baseline"], ["ToE"])}
+    step_ms = {name: float(table[name][5]) for name in ("baseline", "ToE")}
+    assert lines[-3].startswith("step ms: median of 7 training steps after warm-up, CPU time (1 thread)")
+    ratios = re.fullmatch(r"ToE/baseline: (\d+\.\d\d)x faster training step, (\d+\.\d\d)x fewer GFLOPs", lines[-2])
+    assert ratios, lines[-2]
+    assert float(ratios.group(1)) == pytest.approx(step_ms["baseline"] / step_ms["ToE"], abs=0.01)
+    gflops = rows["baseline"][0]["gflops_per_iter"] / rows["toe"][0]["gflops_per_iter"]
+    assert float(ratios.group(2)) == pytest.approx(gflops, abs=0.005)
+    assert "summarize.py" in lines[-1]
 
 
 # ============================================================================================== SMOKE

@@ -44,7 +44,8 @@ def summarize():
 
 def dry_commands(script: str, **env: str) -> List[Dict[str, Any]]:
     """DRY_RUN=1 output of scripts/<script>.sh -> [{'world', 'argv'}] per command."""
-    full = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "DATA": "/data/in", "OUT": "/runs", **env}
+    full = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "DRY_RUN": "1", "DATA": "/data/in", "OUT": "/runs",
+            **env}
     res = subprocess.run(["bash", str(SCRIPTS / f"{script}.sh")], cwd=ROOT, env=full, text=True,
                          capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr
