@@ -13,6 +13,7 @@ batch on with a seed derived from (epoch seed, batch index), so the rerun of tha
 """
 from __future__ import annotations
 
+import abc
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -50,7 +51,7 @@ class _BatchSource:
         return data, [np.array(samples[i][1], dtype=np.int64) for i in chunk]
 
 
-class _DaliLoaderBase:
+class _DaliLoaderBase(abc.ABC):
     def __init__(self, dataset: Any, sampler: Any, batch_size: int, num_threads: int, device: torch.device,
                  drop_last: bool) -> None:
         if not hasattr(dataset, "samples"):
@@ -73,8 +74,9 @@ class _DaliLoaderBase:
         chunk = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
         return [self.replaced.get(i, i) for i in chunk]
 
-    def _build(self, source: _BatchSource, seed: int):  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _build(self, source: _BatchSource, seed: int):
+        """The DALI pipeline of this loader (training or evaluation graph), fed by ``source``."""
 
     def _outputs(self, pipe) -> tuple:
         outs = pipe.run()
