@@ -58,7 +58,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-_KILLING_MAIN = """
+_HOOKED_MAIN = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import progress
@@ -66,17 +66,34 @@ _step = progress.Progress.step
 def step(self, *args, **kwargs):
     _step(self, *args, **kwargs)
     if self.title == "train epoch {epoch}" and self.done == {iteration}:
-        os.kill(os.getpid(), signal.SIGKILL)
+        {action}
 progress.Progress.step = step
 import main
 sys.exit(main.main(sys.argv[1:]))
 """
 
 
+def hooked_main(epoch: int, iteration: int, action: str) -> List[str]:
+    """A command running main.py (append its flags) in a process that runs the Python statement ``action``
+    right after `iteration` of `epoch`: a deterministic point, with no test hook in the training code."""
+    return [sys.executable, "-c", _HOOKED_MAIN.format(root=str(ROOT), epoch=int(epoch), iteration=int(iteration),
+                                                      action=action)]
+
+
 def killed_main(epoch: int, iteration: int) -> List[str]:
-    """A command running main.py (append its flags) in a process that SIGKILLs itself right after
-    `iteration` of `epoch`: a deterministic kill point, with no test hook in the training code."""
-    return [sys.executable, "-c", _KILLING_MAIN.format(root=str(ROOT), epoch=int(epoch), iteration=int(iteration))]
+    """:func:`hooked_main` that SIGKILLs itself at that point (a crash or a pre-emption without warning)."""
+    return hooked_main(epoch, iteration, "os.kill(os.getpid(), signal.SIGKILL)")
+
+
+def one_line_error(code: int, out: str, err: str, *needles: str) -> str:
+    """Assert a refusal: exit 2, one ``error: ...`` line holding every needle, no traceback, no training."""
+    assert code == 2, (code, out[-1500:], err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and "train epoch" not in out
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 def main_inprocess(args: Sequence[str]) -> tuple:

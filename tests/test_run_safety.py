@@ -16,20 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, main_inprocess, read_log, run_main
+from conftest import ROOT, TINY, child_env, hooked_main, main_inprocess, read_log, run_main
+from conftest import one_line_error as _one_line_error
 
 BASE = TINY + ["--data-set", "FAKE", "--fake-size", "64", "--batch-size", "16", "--no-model-ema"]
 ONE_EPOCH = BASE + ["--epochs", "1"]
-
-
-def _one_line_error(code: int, out: str, err: str, *needles: str) -> str:
-    assert code == 2, (code, out[-1500:], err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and "train epoch" not in out
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def _snapshot(folder: Path) -> dict:
@@ -38,28 +29,9 @@ def _snapshot(folder: Path) -> dict:
             if p.is_file() and p.name != ".lock"}
 
 
-# main.py in a process that runs a hook right after iteration I of epoch E (a deterministic point)
-_HOOKED_MAIN = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import progress
-_step = progress.Progress.step
-def step(self, *args, **kwargs):
-    _step(self, *args, **kwargs)
-    if self.title == "train epoch {epoch}" and self.done == {iteration}:
-        {action}
-progress.Progress.step = step
-import main
-sys.exit(main.main(sys.argv[1:]))
-"""
 SIGNAL_SELF = "os.kill(os.getpid(), {signum})"
 # tell the test we hold the folder, then wait until the test writes a line
 PAUSE = "print('PAUSED', flush=True); sys.stdin.readline()"
-
-
-def hooked_main(epoch: int, iteration: int, action: str) -> list:
-    return [sys.executable, "-c", _HOOKED_MAIN.format(root=str(ROOT), epoch=epoch, iteration=iteration,
-                                                      action=action)]
 
 
 def _start_paused(args: list) -> subprocess.Popen:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, TINY, child_env, killed_main, last_json, main_inprocess, read_log, run_main
+from conftest import one_line_error as _one_line_error
 
 SMALL = TINY + ["--data-set", "FAKE", "--fake-size", "32", "--batch-size", "16"]
 # LV-ViT-T cut down like the token-labeling tests: 32 px, patch 4 (8x8 grid), depth 2, dim 64
@@ -24,16 +25,6 @@ LVVIT = ["--model", "lvvit_t", "--input-size", "32", "--model-kwargs", "patch_si
          "num_heads=2", "stem_chans=16", "--token-label", "--token-label-size", "8", "--data-set", "FAKE",
          "--device", "cpu", "--num_workers", "0", "--warmup-epochs", "0"]
 TIMING_KEYS = {"epoch_time", "train_img_per_s"}
-
-
-def _one_line_error(code: int, out: str, err: str, *needles: str) -> str:
-    assert code == 2, (code, out[-1000:], err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and "train epoch" not in out
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def _load(path: Path) -> dict:
