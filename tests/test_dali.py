@@ -557,3 +557,13 @@ def test_bench_data_compares_the_backends(dali, real_image_set, capsys):
     code = bench.main(["--fake-size", "64", "--backend", "dali", "--only-backends", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--backend dali reads image files" in err
+
+
+def test_backend_change_on_resume_is_noted_not_refused():
+    """pil and dali apply the same recipe with slightly different ops (README): resuming under the other
+    backend continues, with the change in the notice and log.txt's resumed_with_changes row."""
+    import config
+
+    blocking, noted = config.changes_since({"data_backend": "pil", "model": "m"}, {"data_backend": "dali",
+                                                                                  "model": "m"})
+    assert blocking == {} and noted == {"data_backend": ["pil", "dali"]}
