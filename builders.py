@@ -159,12 +159,18 @@ def build_optimizer(model, optim_cfg: Any, device_type: str):
 
 def build_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int, seed: int):
     """timm's scheduler stepped once per epoch with ``step(epoch + 1)`` (see README: fidelity), or, with
-    ``sched_on_updates``, lr_schedule's scheduler stepped after every optimizer update."""
-    if getattr(optim_cfg, "sched_on_updates", False):
+    ``sched_on_updates``, one stepped after every optimizer update: lr_schedule's warm-up cosine for
+    ``--sched cosine`` (EfficientTrain's curve), else timm's own with updates as its time axis."""
+    if not getattr(optim_cfg, "sched_on_updates", False):
+        return _timm_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)[0]
+    if optim_cfg.sched == "cosine":
         import lr_schedule
 
         return lr_schedule.build_update_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)
-    return _timm_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)[0]
+    scheduler = _timm_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed, step_on_epochs=False)[0]
+    if getattr(scheduler, "t_in_epochs", True):
+        raise UsageError(f"--sched {optim_cfg.sched} cannot step per update (--sched-on-updates)")
+    return scheduler
 
 
 def scheduled_epochs(optim_cfg: Any, epochs: int) -> int:
@@ -176,7 +182,8 @@ def scheduled_epochs(optim_cfg: Any, epochs: int) -> int:
     return int(_timm_scheduler(dummy, optim_cfg, epochs, 1, 0)[1])
 
 
-def _timm_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int, seed: int):
+def _timm_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int, seed: int,
+                    step_on_epochs: bool = True):
     from timm.scheduler import create_scheduler_v2
 
     try:
@@ -185,7 +192,8 @@ def _timm_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: i
             cooldown_epochs=optim_cfg.cooldown_epochs, patience_epochs=optim_cfg.patience_epochs,
             decay_rate=optim_cfg.decay_rate, min_lr=optim_cfg.min_lr, warmup_lr=optim_cfg.warmup_lr,
             warmup_epochs=optim_cfg.warmup_epochs, noise=optim_cfg.lr_noise, noise_pct=optim_cfg.lr_noise_pct,
-            noise_std=optim_cfg.lr_noise_std, noise_seed=seed, updates_per_epoch=updates_per_epoch)
+            noise_std=optim_cfg.lr_noise_std, noise_seed=seed, step_on_epochs=step_on_epochs,
+            updates_per_epoch=updates_per_epoch)
     except (ValueError, AssertionError) as e:
         raise UsageError(f"--sched {optim_cfg.sched}: {e}") from None
     if scheduler is None:

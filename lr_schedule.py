@@ -10,7 +10,7 @@ update t trains at
 
 and at ``final`` past T. timm's own per-update cosine differs in the warm-up (it reaches base one update later)
 and, without warm-up prefix, in the cosine's span. Every other ``--sched`` is timm's scheduler with
-``step_on_epochs=False``.
+``step_on_epochs=False`` (builders.build_scheduler).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from typing import Any, List, Optional
 import torch
 from timm.scheduler.scheduler import Scheduler
 
-from errors import UsageError
 
 
 def warmup_cosine_value(t: int, base: float, final: float, warmup_updates: int, total_updates: int,
@@ -56,29 +55,14 @@ class WarmupCosineUpdates(Scheduler):
 
 def build_update_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int,
                            seed: int) -> Scheduler:
-    """The scheduler of ``--sched-on-updates``: the caller steps it with ``step_update(global update index)``."""
+    """``--sched cosine --sched-on-updates``: :class:`WarmupCosineUpdates`, stepped by the caller with
+    ``step_update(global update index)``; ``--lr-noise`` points are fractions of the run or epochs, as in timm."""
     total = epochs * updates_per_epoch
     noise = optim_cfg.lr_noise
     noise_range = None
-    if noise is not None:  # as timm: fractions of the run, or epochs
+    if noise is not None:
         points = noise if isinstance(noise, (list, tuple)) else [noise]
         noise_range = [int(p * total) if p < 1 else int(p * updates_per_epoch) for p in points]
         noise_range = noise_range[0] if len(noise_range) == 1 else noise_range
-    if optim_cfg.sched == "cosine":
-        return WarmupCosineUpdates(optimizer, total, optim_cfg.warmup_epochs * updates_per_epoch, optim_cfg.warmup_lr,
-                                   optim_cfg.min_lr, noise_range, optim_cfg.lr_noise_pct, optim_cfg.lr_noise_std, seed)
-    from timm.scheduler import create_scheduler_v2
-
-    try:
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched=optim_cfg.sched, num_epochs=epochs, decay_epochs=optim_cfg.decay_epochs,
-            cooldown_epochs=optim_cfg.cooldown_epochs, patience_epochs=optim_cfg.patience_epochs,
-            decay_rate=optim_cfg.decay_rate, min_lr=optim_cfg.min_lr, warmup_lr=optim_cfg.warmup_lr,
-            warmup_epochs=optim_cfg.warmup_epochs, noise=noise, noise_pct=optim_cfg.lr_noise_pct,
-            noise_std=optim_cfg.lr_noise_std, noise_seed=seed, step_on_epochs=False,
-            updates_per_epoch=updates_per_epoch)
-    except (ValueError, AssertionError) as e:
-        raise UsageError(f"--sched {optim_cfg.sched} --sched-on-updates: {e}") from None
-    if scheduler is None or getattr(scheduler, "t_in_epochs", True):
-        raise UsageError(f"--sched {optim_cfg.sched} cannot step per update (--sched-on-updates)")
-    return scheduler
+    return WarmupCosineUpdates(optimizer, total, optim_cfg.warmup_epochs * updates_per_epoch, optim_cfg.warmup_lr,
+                               optim_cfg.min_lr, noise_range, optim_cfg.lr_noise_pct, optim_cfg.lr_noise_std, seed)

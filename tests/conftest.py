@@ -3,12 +3,14 @@ the session's reference ToE run, and CIFAR files written in torchvision's python
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import pickle
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -94,6 +96,16 @@ def one_line_error(code: int, out: str, err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def load_script(relative_path: str) -> types.ModuleType:
+    """A repository script that is not importable as a package module (benchmarks/*.py, scripts/*.py), loaded
+    from its file as a module named after it."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main_inprocess(args: Sequence[str]) -> tuple:

@@ -2,7 +2,6 @@
 CPU run is slow: it trains four times, two of them under torch.compile)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,18 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 
 
-def _load_bench_data():
-    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "benchmarks" / "bench_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_data = _load_bench_data()
+bench_data = load_script("benchmarks/bench_data.py")
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +156,7 @@ def test_bench_toe_times_every_configuration_interleaved(capsys):
     mean of the stages' medians."""
     import statistics
 
-    spec = importlib.util.spec_from_file_location("bench_toe", ROOT / "benchmarks" / "bench_toe.py")
-    bench_toe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_toe)
+    bench_toe = load_script("benchmarks/bench_toe.py")
     code = bench_toe.main(["--img-size", "32", "--batch-size", "2", "--reps", "3", "--warmup", "1",
                            "--op-reps", "2", "--threads", "1", "--clock", "cpu", "--epochs", "4", "--json"])
     out = capsys.readouterr()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, child_env, killed_main, last_json, main_inprocess, read_log, run_main
+from conftest import ROOT, TINY, child_env, killed_main, last_json, load_script, main_inprocess, read_log, run_main
 
 # the augmentation recipe of DeiT at 64 px (the real-image set's size), as config/ builds it
 AUG = dict(input_size=64, aa="rand-m9-mstd0.5-inc1", color_jitter=0.3, train_interpolation="bicubic", reprob=0.0,
@@ -535,12 +535,7 @@ def test_curriculum_training_with_dali(dali, real_image_set, tmp_path):
 
 
 def _bench_data():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "benchmarks" / "bench_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_data.py")
 
 
 def test_bench_data_compares_the_backends(dali, real_image_set, capsys):

@@ -2,16 +2,15 @@
 bilinearly) and the smoothness figures the README quotes."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pos_embed_curriculum", ROOT / "benchmarks" / "pos_embed_curriculum.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/pos_embed_curriculum.py")
 
 
 def test_grow_resamples_pos_embed_and_its_adam_moments_only():

@@ -3,7 +3,6 @@ tokens its schedule says), ToE's step time is weighted by the epochs of each sta
 ratios, and bad input. The whole quickstart runs in tests/test_scripts.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -12,19 +11,12 @@ from typing import Dict, List
 import pytest
 
 import runlog
-from conftest import TINY
+from conftest import TINY, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _report():
-    spec = importlib.util.spec_from_file_location("quickstart_report", ROOT / "scripts" / "quickstart_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _report()
+report = load_script("scripts/quickstart_report.py")
 
 RUN = TINY + ["--data-set", "FAKE", "--fake-size", "16", "--nb-classes", "10", "--batch-size", "4",
               "--epochs", "4", "--resume", "none", "--no-model-ema"]
