@@ -1,10 +1,10 @@
 """Apply Token Expansion to a model at run time, and remove it cleanly.
 
-ToE only changes the *input of one block*, so the patch is a forward pre-hook on ``model.blocks[layer]``
-that replaces the token sequence by the output of :func:`toe.ops.token_expansion`. Nothing of timm's
-model code is copied, and the patched model's state_dict is exactly the plain model's. Any model with
-a ``blocks`` sequence and a ``num_prefix_tokens`` attribute works (timm ViTs, DeiT distilled, register
-and no-CLS variants, this repository's LV-ViT).
+ToE only changes the *input of one block*, so the patch is a forward pre-hook on block ``layer`` that
+replaces the token sequence by the output of :func:`toe.ops.token_expansion`. Nothing of the model's code
+is copied, and the patched model's state_dict is exactly the plain model's. Which blocks, how many prefix
+tokens, and which per-token side inputs (rotary embeddings, position biases) follow the kept tokens is the
+model family's business (:mod:`toe.families`); a model of no supported family is refused by :func:`apply`.
 
 The hook is a small object held by the block, so ``copy.deepcopy`` (EMA copies) gives the copy its own
 independent state, and gradient checkpointing, which calls the block module, cannot skip it.
@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .families import Family, SideInputHook, resolve
 from .ops import check_options, token_expansion
 from .schedule import Schedule
 
@@ -31,8 +32,10 @@ class ToEHook:
     """
 
     def __init__(self, schedule: Schedule, layer: int, num_prefix_tokens: int, distance: str, init: str,
-                 expand: bool, merge: bool, sparse_eval: bool, compat: str = "none") -> None:
+                 expand: bool, merge: bool, sparse_eval: bool, compat: str = "none",
+                 family: Optional[Family] = None) -> None:
         self.schedule = schedule
+        self.family = family if family is not None else Family()
         self.layer = layer
         self.num_prefix_tokens = num_prefix_tokens
         self.distance = distance
@@ -55,7 +58,7 @@ class ToEHook:
             self.stage = stage
             self.rates = tuple(self.schedule.rates(stage))
 
-    def __call__(self, block: nn.Module, args: tuple):
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
         self.last_index = self.last_assignment = None
         # Mode first: the eval graph then reads no stage state and serves every stage.
         if not (block.training or self.sparse_eval):
@@ -64,10 +67,11 @@ class ToEHook:
         if rates[-1] >= 1.0:
             return None
         tokens, index, assignment = token_expansion(
-            args[0], rates, self.schedule.k, num_prefix_tokens=self.num_prefix_tokens, distance=self.distance,
-            init=self.init, expand=self.expand, merge=self.merge, return_assignment=True, compat=self.compat)
+            self.family.read_hidden(args, kwargs), rates, self.schedule.k,
+            num_prefix_tokens=self.num_prefix_tokens, distance=self.distance, init=self.init,
+            expand=self.expand, merge=self.merge, return_assignment=True, compat=self.compat)
         self.last_index, self.last_assignment = index, assignment
-        return (tokens,) + tuple(args[1:])
+        return self.family.write_hidden(args, kwargs, tokens)
 
 
 def _is_wrapper(model: nn.Module) -> bool:
@@ -92,9 +96,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _find_hook(model: nn.Module) -> Optional[ToEHook]:
-    model = unwrap_model(model)
-    for block in getattr(model, "blocks", ()):
-        for hook in block._forward_pre_hooks.values():
+    for module in unwrap_model(model).modules():
+        for hook in module._forward_pre_hooks.values():
             if isinstance(hook, ToEHook):
                 return hook
     return None
@@ -113,7 +116,8 @@ def apply(model: nn.Module, schedule: Schedule, *, layer: int = 1, distance: str
     """Patch ``model`` in place so that block ``layer`` receives the ToE-selected tokens; returns it.
 
     Args:
-        model: a model with ``blocks`` (sequence of blocks) and ``num_prefix_tokens``.
+        model: a ViT of a supported family (:mod:`toe.families`), possibly wrapped by DDP or
+            torch.compile; any other model raises ValueError naming its class and the supported families.
         schedule: the stage schedule (r0, r1, ng, k, epochs).
         layer: index of the block whose input is reduced; 1 (after the first block) is the paper's
             default, 0 is right after the embedding (Table 8).
@@ -132,26 +136,27 @@ def apply(model: nn.Module, schedule: Schedule, *, layer: int = 1, distance: str
         raise TypeError(f"schedule must be a toe.Schedule, got {type(schedule).__name__}")
     check_options(distance=distance, init=init, compat=compat)
     target = unwrap_model(model)
-    blocks = getattr(target, "blocks", None)
-    prefix = getattr(target, "num_prefix_tokens", None)
-    if blocks is None or prefix is None:
-        raise ValueError(f"{type(target).__name__} has no `blocks` and `num_prefix_tokens`; ToE cannot patch it")
+    family = resolve(target)
+    blocks = family.blocks(target)
     if not (0 <= layer < len(blocks)):
         raise ValueError(f"layer must be in [0, {len(blocks) - 1}] for a {len(blocks)}-block model, got {layer}")
     if _find_hook(target) is not None:
         raise RuntimeError("ToE is already applied to this model; call toe.remove(model) first")
-    hook = ToEHook(schedule, layer, int(prefix), distance, init, expand, merge, sparse_eval, compat)
-    blocks[layer].register_forward_pre_hook(hook)
+    hook = ToEHook(schedule, layer, family.num_prefix_tokens(target), distance, init, expand, merge,
+                   sparse_eval, compat, family)
+    # Registered first on this block, so side-input hooks on the same block see this forward's selection.
+    blocks[layer].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    family.attach_side_inputs(target, layer, hook)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Remove the ToE hook; the model behaves exactly as before :func:`apply`."""
-    target = unwrap_model(model)
-    for block in getattr(target, "blocks", ()):
-        for key, hook in list(block._forward_pre_hooks.items()):
-            if isinstance(hook, ToEHook):
-                del block._forward_pre_hooks[key]
+    for module in unwrap_model(model).modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, (ToEHook, SideInputHook)):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
     return model
 
 

@@ -1,0 +1,87 @@
+"""What a model family tells the ToE patch: where the blocks are, how many prefix tokens lead the
+sequence, how a block receives its hidden states, and which per-token side inputs (rotary embeddings,
+relative-position biases) must follow the kept tokens.
+
+A family is one small subclass of :class:`Family` in its own module; :mod:`toe.families` lists them.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class Family:
+    """Adapter between one family of ViT implementations and :func:`toe.apply`.
+
+    Subclasses set ``name`` / ``description`` and override :meth:`matches`, :meth:`blocks` and
+    :meth:`num_prefix_tokens`; families whose blocks take per-token side inputs override
+    :meth:`attach_side_inputs`.
+    """
+
+    name: str = "family"
+    #: one line for the refusal message and the README table, e.g. "timm VisionTransformer (model.blocks)"
+    description: str = ""
+    #: keyword under which a block receives its hidden states [B, N, C] when they are not positional
+    hidden_keyword: str = "x"
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` (already unwrapped) belongs to this family, judged by structure."""
+        raise NotImplementedError  # abstract: every registered family defines it
+
+    def refusal(self, model: nn.Module) -> Optional[str]:
+        """Why a model of this family cannot be patched exactly (None when it can)."""
+        return None
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The sequence of transformer blocks, in forward order."""
+        raise NotImplementedError  # abstract: every registered family defines it
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """P: tokens (class, distillation, registers) that lead the sequence and are always kept."""
+        raise NotImplementedError  # abstract: every registered family defines it
+
+    def read_hidden(self, args: tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
+        """The hidden states [B, N, C] a block is called with, positional or by keyword."""
+        if args:
+            return args[0]
+        if self.hidden_keyword in kwargs:
+            return kwargs[self.hidden_keyword]
+        raise RuntimeError(f"ToE ({self.name}): the block received no hidden states, neither positionally "
+                           f"nor as {self.hidden_keyword!r}")
+
+    def write_hidden(self, args: tuple, kwargs: Dict[str, Any], tokens: torch.Tensor) -> Tuple[tuple, dict]:
+        """``(args, kwargs)`` with the hidden states replaced by ``tokens``, where the caller put them."""
+        if args:
+            return (tokens,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, self.hidden_keyword: tokens}
+
+    def attach_side_inputs(self, model: nn.Module, layer: int, state: Any) -> List[Any]:
+        """Register what makes per-token side inputs follow the kept tokens in blocks ``layer..``.
+
+        ``state`` is the :class:`toe.patch.ToEHook`; its ``last_index`` [B, P + n] holds the positions
+        kept in the current forward (None when ToE did not reduce). Returns the registered hook objects,
+        which must subclass :class:`SideInputHook` so :func:`toe.remove` finds them. Default: none.
+        """
+        return []
+
+
+class SideInputHook:
+    """Base of the extra forward pre-hooks a family registers (found and removed by :func:`toe.remove`).
+
+    Registered ``with_kwargs=True``: called as ``hook(module, args, kwargs)``, returns ``(args, kwargs)``
+    or None. It reads the selection from ``self.state.last_index``.
+    """
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
+        raise NotImplementedError  # abstract: subclasses define what they rewrite
+
+
+def has_int(model: nn.Module, attribute: str) -> bool:
+    """Whether ``model.<attribute>`` is a plain int (not a bool, not a module)."""
+    value = getattr(model, attribute, None)
+    return isinstance(value, int) and not isinstance(value, bool)
