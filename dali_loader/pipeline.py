@@ -184,10 +184,20 @@ def build_train_pipeline(aug: Any, batch_size: int, num_threads: int, device_id:
                  prefetch_queue_depth=prefetch, exec_dynamic=True)
 
 
+@do_not_convert
+def _centre_start(hw, size: int):
+    """torchvision's CenterCrop offset, int(round(margin / 2)) with Python's round (half to even): an odd
+    margin of 2k + 1 starts at k or k + 1, whichever is even (DALI's centre crop would round otherwise)."""
+    half = (hw - float(size)) * 0.5
+    low = dmath.floor(half)
+    odd_low = low - 2.0 * dmath.floor(low * 0.5)  # 1 where floor(half) is odd
+    return fn.cast(low + (half > low) * odd_low, dtype=types.INT32)
+
+
 def build_eval_pipeline(input_size: int, crop_ratio: float, batch_size: int, num_threads: int,
                         device_id: Optional[int], source: Callable, prefetch: int = 2):
     """datasets.build_eval_transform: bicubic resize of the short side to int(S / crop_ratio) (S when
-    S <= 32) with torchvision's long-side rounding (int), centre crop S x S, normalise."""
+    S <= 32) with torchvision's long-side rounding (int), centre crop S x S at torchvision's offset, normalise."""
     size = int(input_size)
     short = size if size <= 32 else int(size / float(crop_ratio))
     decoder = "cpu" if device_id is None else "mixed"
@@ -202,9 +212,9 @@ def build_eval_pipeline(input_size: int, crop_ratio: float, batch_size: int, num
         target = dmath.max(scaled, types.Constant(np.float32(short)))
         images = fn.decoders.image(jpegs, device=decoder, **_AS_PIL)
         images = fn.resize(images, size=target, interp_type=types.INTERP_CUBIC, antialias=True)
-        images = fn.crop_mirror_normalize(images, crop=[size, size], crop_pos_x=0.5, crop_pos_y=0.5,
-                                          dtype=types.FLOAT, output_layout="CHW", mean=MEAN_255, std=STD_255)
-        return images, labels
+        images = fn.slice(images, _centre_start(target, size), types.Constant(np.array([size, size], np.int32)),
+                          axes=[0, 1])
+        return _normalize(images), labels
 
     return graph(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id, seed=0,
                  prefetch_queue_depth=prefetch, exec_dynamic=True)
