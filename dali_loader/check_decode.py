@@ -48,7 +48,7 @@ def _folder(root: str):
     import datasets
 
     if not os.path.isdir(os.path.join(root, "train")):
-        raise datasets.DataError(f"--data-path {root} has no train/ folder (an ImageFolder root: train/<class>/...)")
+        raise datasets.DataError(f"--data-path {root} has no train/ folder (ImageFolder root: train/<class>/...)")
     split = os.path.join(root, "val") if os.path.isdir(os.path.join(root, "val")) else os.path.join(root, "train")
     return datasets.SafeImageFolder(split, class_root=os.path.join(root, "train"))
 

@@ -3,9 +3,9 @@
 The index stream comes from the repository's own samplers (repeated augmentation, distributed, seeded by
 (seed, epoch, rank)); a thread pool reads the files of each batch and ``fn.external_source`` hands them to
 DALI. The pool lives for one pass over the data and is shut down when the pass ends or is abandoned, so a
-loader replaced by the next curriculum phase, or left at the end of the run, holds no threads. Each epoch builds a new pipeline seeded from the trainer's per-epoch loader generator (as
-DataLoader draws its worker seeds), so an epoch's augmentations depend only on (seed, epoch, rank) and a
-resumed run repeats them bitwise.
+loader replaced by the next curriculum phase, or left at the end of the run, holds no threads. Each epoch
+builds a new pipeline seeded from the trainer's per-epoch loader generator (as DataLoader draws its worker
+seeds), so an epoch's augmentations depend only on (seed, epoch, rank) and a resumed run repeats them bitwise.
 
 Undecodable files: the pipeline's error is traced to the file with PIL; without ``skip_bad_images`` it
 stops with CorruptImageError naming it. With skipping on, the file is replaced by the next readable sample

@@ -121,8 +121,8 @@ def train_interpolation(name: str):
     if name in NO_DALI_FILTER:
         raise DataError(f"--data-backend dali has no '{name}' filter (DALI's resize lacks it); use "
                         f"--data-backend pil or --train-interpolation {', '.join(['random', *INTERPOLATIONS])}")
-    raise DataError(f"--train-interpolation must be one of {', '.join(['random', *INTERPOLATIONS, *NO_DALI_FILTER])} "
-                    f"(timm's names), got '{name}'")
+    names = ", ".join(["random", *INTERPOLATIONS, *NO_DALI_FILTER])
+    raise DataError(f"--train-interpolation must be one of {names} (timm's names), got '{name}'")
 
 
 def check_augment(aug: Any) -> Optional[randaugment.RandAugmentPolicy]:
