@@ -64,8 +64,8 @@ def crop_window(jpegs):
 
 @do_not_convert
 def _random_resized_crop(jpegs, size: int, decoder: str, interp):
-    """timm's RandomResizedCrop decoded as a region of interest (nvJPEG and libjpeg-turbo decode only the
-    window where the file's layout allows it, else the whole image and then crop)."""
+    """timm's RandomResizedCrop decoded as a region of interest (DALI decodes only the window where its
+    decoder can, else the whole image, then crops: the same pixels either way)."""
     anchor, shape = crop_window(jpegs)
     images = fn.decoders.image_slice(jpegs, anchor, shape, axes=[0, 1], device=decoder, **_AS_PIL)
     return fn.resize(images, size=[size, size], interp_type=interp, antialias=True), anchor, shape
@@ -187,7 +187,8 @@ def build_train_pipeline(aug: Any, batch_size: int, num_threads: int, device_id:
 @do_not_convert
 def _centre_start(hw, size: int):
     """torchvision's CenterCrop offset, int(round(margin / 2)) with Python's round (half to even): an odd
-    margin of 2k + 1 starts at k or k + 1, whichever is even (DALI's centre crop would round otherwise)."""
+    margin of 2k + 1 starts at k or k + 1, whichever is even (DALI's crop_pos 0.5 did not match it: one pixel
+    off, 19 levels on an 80 x 48 file at 40 px)."""
     half = (hw - float(size)) * 0.5
     low = dmath.floor(half)
     odd_low = low - 2.0 * dmath.floor(low * 0.5)  # 1 where floor(half) is odd
