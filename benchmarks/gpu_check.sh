@@ -12,10 +12,15 @@
 # stage's train_img_per_s against bench_toe's model-only rate at that keep rate: below 80% = loader-bound.
 # The dali run needs requirements-dali.txt; without it the part says so and is skipped.
 #
+# Part 6 (issue 24) decodes the same 256 JPEGs (of that folder's val/) with --data-backend dali's evaluation
+# graph and with the PIL path's (python -m dali_loader.check_decode): on CUDA nvJPEG ("mixed", fancy chroma
+# upsampling) and DALI's CPU decoder, at 224 px. It prints each mean |DALI - PIL| in 0-255 levels and fails
+# when the DEVICE graph's is over DECODE_BOUND (default 1.0 level; DALI's CPU graph measures about 0.2).
+#
 # Settings (environment): OUT (default gpu_check_out) receives every log, summary.txt and summary.json;
 # WORKERS loader workers of the training runs (default min(10, cores)); NPROC torchrun processes (default:
 # the visible GPUs); PYTHON (default python). A failing part is reported and the others still run; the
-# exit code is 1 if any part failed, 2 for bad settings or no CUDA device.
+# exit code is 1 if any part failed, 2 for bad settings or no CUDA device. DECODE_BOUND: part 6's bound.
 set -euo pipefail
 
 # The whole script is one function, read completely before it starts: editing this file while it runs
@@ -26,11 +31,13 @@ main() {
   QUICK="${QUICK:-0}"
   PYTHON="${PYTHON:-python}"
   DATA="${DATA:-}"
+  DECODE_BOUND="${DECODE_BOUND:-1.0}"
 
   die() { echo "gpu_check.sh: error: $*" >&2; exit 2; }
 
   case "$DEVICE" in cuda|cpu) ;; *) die "DEVICE must be cuda or cpu, got '$DEVICE'" ;; esac
   case "$QUICK" in 0|1) ;; *) die "QUICK must be 0 or 1, got '$QUICK'" ;; esac
+  [[ "$DECODE_BOUND" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "DECODE_BOUND must be a number of levels >= 0, got '$DECODE_BOUND'"
   if [[ "$DEVICE" == cuda ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
       >/dev/null 2>&1; then
     die "no CUDA device (torch.cuda.is_available() is False); set DEVICE=cpu to run every part on CPU with tiny sizes"
@@ -158,6 +165,16 @@ PY
     echo "[gpu_check] train_backend_*            skipped: no JPEG folder (set DATA=<ImageFolder root>)"
   fi
 
+  # ---- 6. decoding: the evaluation tensors of --data-backend dali against PIL's on the same 256 files ---------
+  if [[ ! -d "$JPEGS/train" ]]; then
+    echo "[gpu_check] decode_dali_vs_pil         skipped: no JPEG folder (set DATA=<ImageFolder root>)"
+  elif ! "$PYTHON" -c 'import nvidia.dali' >/dev/null 2>&1; then
+    echo "[gpu_check] decode_dali_vs_pil         skipped: NVIDIA DALI not installed (pip install -r requirements-dali.txt)"
+  else
+    run_part decode_dali_vs_pil "$PYTHON" -m dali_loader.check_decode --data-path "$JPEGS" --files 256 \
+      --input-size "$( [[ "$DEVICE" == cuda ]] && echo 224 || echo 48 )" --device "$DEVICE" --bound "$DECODE_BOUND"
+  fi
+
   # ---- summary ------------------------------------------------------------------------------------------------
   WORKERS="$WORKERS" "$PYTHON" - "$OUT" "${FAILED[@]}" <<'PY' | tee "$OUT/summary.txt"
 import glob, json, os, re, sys
@@ -254,6 +271,16 @@ for backend in ("pil", "dali"):
         print(f"--data-backend {backend:<4} epoch {row['epoch']} ToE stage {row.get('toe_stage')}: "
               f"{row['train_img_per_s']:.0f} img/s, {verdict}")
     summary["backends"][backend] = report
+
+decode = last_json(os.path.join(out, "decode_dali_vs_pil.log"))
+if decode is not None:
+    summary["decode"] = decode
+    for key, gap in decode.items():
+        if isinstance(gap, dict):
+            print(f"decode {key.replace('_', ' ')}: mean {gap['mean']:.3f} levels (99th percentile {gap['p99']:.2f}, "
+                  f"max {gap['max']:.0f}) on {decode['files']} files at {decode['input_size']} px")
+    print(f"decode bound: mean <= {decode['bound']:g} level for the {'cuda' if 'dali_cuda_vs_pil' in decode else 'cpu'} "
+          f"graph")
 
 print(f"failed parts: {', '.join(failed) if failed else 'none'}")
 with open(os.path.join(out, "summary.json"), "w") as f:

@@ -2,9 +2,10 @@
 
 The index stream comes from the repository's own samplers (repeated augmentation, distributed, seeded by
 (seed, epoch, rank)); a thread pool reads the files of each batch and ``fn.external_source`` hands them to
-DALI. Each epoch builds a new pipeline seeded from the trainer's per-epoch loader generator (as
-DataLoader draws its worker seeds), so an epoch's augmentations depend only on (seed, epoch, rank) and a
-resumed run repeats them bitwise.
+DALI. The pool lives for one pass over the data and is shut down when the pass ends or is abandoned, so a
+loader replaced by the next curriculum phase, or left at the end of the run, holds no threads. Each epoch
+builds a new pipeline seeded from the trainer's per-epoch loader generator (as DataLoader draws its worker
+seeds), so an epoch's augmentations depend only on (seed, epoch, rank) and a resumed run repeats them bitwise.
 
 Undecodable files: the pipeline's error is traced to the file with PIL; without ``skip_bad_images`` it
 stops with CorruptImageError naming it. With skipping on, the file is replaced by the next readable sample
@@ -25,6 +26,8 @@ import datasets
 from dali_loader import pipeline as dali_pipeline
 from errors import DataError
 
+READER_THREAD_PREFIX = "dali-file-reader"  # the names of the threads that read the files
+
 
 def _read(path: str) -> np.ndarray:
     try:
@@ -36,8 +39,9 @@ def _read(path: str) -> np.ndarray:
 class _BatchSource:
     """``fn.external_source`` callback: iteration i -> the encoded files and labels of batch ``first + i``."""
 
-    def __init__(self, loader: "_DaliLoaderBase", indices: Sequence[int], first: int) -> None:
-        self.loader, self.indices, self.first = loader, indices, first
+    def __init__(self, loader: "_DaliLoaderBase", indices: Sequence[int], first: int,
+                 pool: ThreadPoolExecutor) -> None:
+        self.loader, self.indices, self.first, self.pool = loader, indices, first, pool
         self.fed = first  # the next batch index to be fed
 
     def __call__(self, info: Any) -> Tuple[List[np.ndarray], List[np.ndarray]]:
@@ -47,7 +51,7 @@ class _BatchSource:
             raise StopIteration
         self.fed = batch + 1
         samples = self.loader.samples
-        data = list(self.loader.pool.map(_read, [samples[i][0] for i in chunk]))
+        data = list(self.pool.map(_read, [samples[i][0] for i in chunk]))
         return data, [np.array(samples[i][1], dtype=np.int64) for i in chunk]
 
 
@@ -61,7 +65,6 @@ class _DaliLoaderBase(abc.ABC):
         self.num_threads = max(1, int(num_threads))
         self.device, self.drop_last = device, drop_last
         self.device_id = device.index or 0 if device.type == "cuda" else None
-        self.pool = ThreadPoolExecutor(max_workers=self.num_threads)
         self.replaced: dict = {}  # bad sample -> its replacement, found in this epoch
 
     def __len__(self) -> int:
@@ -85,20 +88,25 @@ class _DaliLoaderBase(abc.ABC):
     def _iterate(self, indices: Sequence[int], seed: int) -> Iterator[tuple]:
         batch = 0
         self.replaced = {}
-        while batch < len(self):
-            source = _BatchSource(self, indices, batch)
-            pipe = self._build(source, seed if batch == 0 else (seed * 1_000_003 + batch) % 2**31)
-            try:
-                while batch < len(self):
-                    try:
-                        outs = self._outputs(pipe)
-                    except RuntimeError as e:  # DALI reports a bad file as a RuntimeError of the batch
-                        self._handle_bad(indices, batch, source.fed, e)
-                        break
-                    batch += 1
-                    yield outs
-            finally:
-                del pipe
+        # one pool per pass: closing the generator (pass finished, abandoned or failed) shuts it down
+        pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix=READER_THREAD_PREFIX)
+        try:
+            while batch < len(self):
+                source = _BatchSource(self, indices, batch, pool)
+                pipe = self._build(source, seed if batch == 0 else (seed * 1_000_003 + batch) % 2**31)
+                try:
+                    while batch < len(self):
+                        try:
+                            outs = self._outputs(pipe)
+                        except RuntimeError as e:  # DALI reports a bad file as a RuntimeError of the batch
+                            self._handle_bad(indices, batch, source.fed, e)
+                            break
+                        batch += 1
+                        yield outs
+                finally:
+                    del pipe
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _handle_bad(self, indices: Sequence[int], batch: int, fed: int, error: Exception) -> None:
         """Find the undecodable files of batches batch..fed-1 with PIL; raise, or mark them replaced."""
@@ -132,13 +140,13 @@ class DaliTrainLoader(_DaliLoaderBase):
                  device: torch.device, generator: torch.Generator) -> None:
         super().__init__(dataset, sampler, batch_size, num_threads, device, drop_last=True)
         self.aug, self.generator = aug, generator
+        dali_pipeline.check_augment(aug)  # refuse what the graph lacks, and bad values, before the first epoch
         self.erasing = None
         if aug.reprob > 0 and not aug.three_augment:
             from timm.data.random_erasing import RandomErasing
 
             self.erasing = RandomErasing(probability=aug.reprob, mode=aug.remode, max_count=aug.recount,
                                          device=str(device))
-        dali_pipeline.supported_policy(aug)  # refuse what the graph lacks before the first epoch
 
     def _build(self, source: _BatchSource, seed: int):
         return dali_pipeline.build_train_pipeline(self.aug, self.batch_size, self.num_threads, self.device_id,
@@ -192,7 +200,8 @@ def _to_torch(batch: Any, device: torch.device) -> torch.Tensor:
 def augment_files(aug: Any, paths: Sequence[str], labels: Sequence[int], seed: int, batch_size: int = 64,
                   num_threads: int = 1, device_id: Optional[int] = None, debug: bool = True) -> List[tuple]:
     """Run the training graph once over ``paths`` (test and benchmark hook): one tuple of numpy arrays per
-    batch, (images, labels[, crop anchor, crop shape, flip, RandAugment ops, magnitude bins] with ``debug``)."""
+    batch, (images, labels[, crop anchor, crop shape, flip, RandAugment ops, magnitude bins, resize filter code]
+    with ``debug``)."""
     chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
 
     def source(info: Any):

@@ -70,7 +70,7 @@ def test_unsupported_combinations_are_refused(extra, what):
 
 
 # ----------------------------------------------------------------------------- per-op vs timm (PIL)
-def _dali_op(index: int, level: float, images):
+def _dali_op(index: int, level: float, images, negative: bool = False):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug.core import signed_bin
 
@@ -83,8 +83,8 @@ def _dali_op(index: int, level: float, images):
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=0)
     def graph():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        positive = fn.random.coin_flip(probability=0.0, dtype=types.INT32)  # the magnitude's sign: +
-        bins = signed_bin(int(round(level * randaugment.LEVEL_STEPS)), random_sign=positive)
+        sign = fn.random.coin_flip(probability=float(negative), dtype=types.INT32)  # 1: the magnitude negated
+        bins = signed_bin(int(round(level * randaugment.LEVEL_STEPS)), random_sign=sign)
         return op(x, magnitude_bin=bins, num_magnitude_bins=10 * randaugment.LEVEL_STEPS + 1)
 
     pipe = graph()
@@ -92,14 +92,15 @@ def _dali_op(index: int, level: float, images):
     return np.stack([np.array(out.at(i)) for i in range(len(images))]).astype(int)
 
 
-def _timm_op(name: str, level: float, images, interpolation, monkeypatch):
+def _timm_op(name: str, level: float, images, interpolation, monkeypatch, negative: bool = False):
     from PIL import Image
     from timm.data import auto_augment
 
     import augment
     from dali_loader.randaugment import IMAGENET_MEAN_RGB
 
-    monkeypatch.setattr(auto_augment, "_randomly_negate", lambda v: v)  # the positive sign, as on the DALI side
+    # the sign chosen on the DALI side
+    monkeypatch.setattr(auto_augment, "_randomly_negate", (lambda v: -v) if negative else (lambda v: v))
     hparams = dict(translate_const=int(images[0].shape[0] * 0.45), img_mean=IMAGENET_MEAN_RGB,
                    interpolation=interpolation)
     op = auto_augment.AugmentOp(name, prob=1.0, magnitude=level, hparams=hparams)
@@ -108,8 +109,10 @@ def _timm_op(name: str, level: float, images, interpolation, monkeypatch):
     return np.stack([np.asarray(op(Image.fromarray(i))) for i in images]).astype(int)
 
 
-def test_each_randaugment_op_matches_timm(dali, real_image_set, monkeypatch):
-    """Each op at magnitude 9 on 8 real images, DALI vs timm's own op (bicubic, as DeiT's recipe).
+@pytest.mark.parametrize("negative", [False, True], ids=["positive", "negative"])
+def test_each_randaugment_op_matches_timm(dali, real_image_set, monkeypatch, negative):
+    """Each op at magnitude 9 on 8 real images, DALI vs timm's own op (bicubic, as DeiT's recipe), with the
+    magnitude's sign + and - (the signed ops: Rotate, Shear, Translate and the four enhancements).
     Tolerances: the point ops must agree to rounding (mean |diff| <= 0.1 level); the geometric ops cannot
     interpolate bicubically in DALI, so their gap may be at most 1.5x the gap between PIL's own bilinear and
     bicubic results + 0.5; Sharpness differs on the 1-px border only; Equalize follows OpenCV's lookup
@@ -122,12 +125,12 @@ def test_each_randaugment_op_matches_timm(dali, real_image_set, monkeypatch):
     images = [np.asarray(Image.open(p).convert("RGB").resize((64, 64))) for p in paths[::125][:8]]
     report = {}
     for index, name in enumerate(OP_NAMES):
-        ours = _dali_op(index, 9.0, images)
-        theirs = _timm_op(name, 9.0, images, Image.BICUBIC, monkeypatch)
+        ours = _dali_op(index, 9.0, images, negative)
+        theirs = _timm_op(name, 9.0, images, Image.BICUBIC, monkeypatch, negative)
         gap = float(np.abs(ours - theirs).mean())
         report[name] = gap
         if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
-            bilinear = _timm_op(name, 9.0, images, Image.BILINEAR, monkeypatch)
+            bilinear = _timm_op(name, 9.0, images, Image.BILINEAR, monkeypatch, negative)
             assert gap <= 1.5 * float(np.abs(bilinear - theirs).mean()) + 0.5, (name, gap)
             assert gap > 0.0
         elif name == "SharpnessIncreasing":
@@ -224,10 +227,11 @@ def dali_record(dali, real_image_set):
             "n": len(paths)}
 
 
-def test_crop_area_and_aspect_match_pil(pil_record, dali_record):
-    # n = 1000 each: the KS statistic of two samples of one distribution exceeds 0.087 with p < 0.001
+def test_crop_area_matches_pil(pil_record, dali_record):
+    # n = 1000 each: a coarse check of the whole graph's record (the KS statistic of two samples of one
+    # distribution exceeds 0.087 with p < 0.001); test_dali_fidelity compares the crop window's area and
+    # aspect with timm's on 10,000 samples, enough to tell log-uniform from uniform aspect
     assert _ks(pil_record["area"], dali_record["area"]) < 0.087
-    assert _ks(np.log(pil_record["aspect"]), np.log(dali_record["aspect"])) < 0.087
     assert 0.08 - 0.01 <= dali_record["area"].min() and dali_record["area"].max() <= 1.0
 
 
