@@ -57,7 +57,8 @@ def main(argv=None) -> int:
         print(f"train_torchvision_vit.py: error: {error}", file=sys.stderr)
         return 2
     seen = []  # token counts entering the patched block (registered after ToE's hook, so it sees the reduction)
-    model.encoder.layers[args.layer].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[1]))
+    model.encoder.layers[args.layer].register_forward_pre_hook(
+        lambda module, inputs: seen.append(inputs[0].shape[1]))
     loader = fake_loader(args.images, args.batch_size, 10, args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for epoch in range(args.epochs):
@@ -71,8 +72,8 @@ def main(argv=None) -> int:
             loss.backward()
             optimizer.step()
             total += loss.item() * len(labels)
-        print(f"epoch {epoch}: keep rate {toe.current_rates(model)[-1]:.2f}, {max(seen)} of {model.seq_length} tokens enter "
-              f"block {args.layer}, loss {total / args.images:.4f}", flush=True)
+        print(f"epoch {epoch}: keep rate {toe.current_rates(model)[-1]:.2f}, {max(seen)} of {model.seq_length} "
+              f"tokens enter block {args.layer}, loss {total / args.images:.4f}", flush=True)
     return 0
 
 

@@ -158,3 +158,30 @@ def check_ddp(case: Case, store: str) -> None:
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     finally:
         dist.destroy_process_group()
+
+
+def check_compile_one_graph_per_stage(case: Case) -> None:
+    """torch.compile (eager backend): epochs 0-1 stage 1, 2-3 all tokens; one training graph per stage plus
+    one for evaluation, no graph break, outputs equal to the eager patched model's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    schedule = Schedule(r1=0.5, ng=2, k=2, epochs=4)
+    model = case.build()
+    toe.apply(model, schedule)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(*IMAGE, generator=torch.Generator().manual_seed(1))
+    graphs = []
+    for epoch in range(schedule.epochs):
+        toe.set_epoch(compiled, epoch)
+        toe.set_epoch(twin, epoch)
+        for mode in (True, False):
+            compiled.train(mode), twin.train(mode)
+            got, want = tensors(compiled(x)), tensors(twin(x))
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 2, 3, 3], graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -16,7 +16,8 @@ def test_models_give_logits_and_take_toe(family):
     if family == "transformers":
         require_transformers()
     built = families.build(family, img_size=64)  # 16 patch tokens
-    expected = {"torchvision": ["torchvision_vit_tiny"], "transformers": ["hf_vit_tiny", "hf_deit_tiny", "hf_dinov2_tiny"]}
+    expected = {"torchvision": ["torchvision_vit_tiny"],
+                "transformers": ["hf_vit_tiny", "hf_deit_tiny", "hf_dinov2_tiny"]}
     assert [name for name, _, _ in built] == expected[family]
     for name, model, img_size in built:
         toe.apply(model, toe.Schedule(r1=0.5, ng=3, epochs=3))

@@ -9,7 +9,7 @@ import torch
 
 import toe
 from conftest import require_transformers
-from family_checks import (SCHEDULE, Case, check_ddp, check_last_stage_equals_plain,
+from family_checks import (SCHEDULE, Case, check_compile_one_graph_per_stage, check_ddp, check_last_stage_equals_plain,
                            check_set_epoch_deepcopy_state_dict_remove, check_stage_one, last_layer_output)
 
 transformers = require_transformers()
@@ -178,3 +178,10 @@ def test_output_hidden_states_show_the_reduction():
     model = toe.apply(CASES[0].build(), SCHEDULE, layer=1).train()
     out = model(torch.randn(2, 3, 32, 32), output_hidden_states=True)
     assert [h.shape[1] for h in out.hidden_states] == [65, 65, 33]
+
+
+# ~2.5 s each: ViTForImageClassification by default, the other families with the slow tests (CI)
+@pytest.mark.parametrize("case", [c if c.name == "ViTForImageClassification"
+                                  else pytest.param(c, marks=pytest.mark.slow) for c in CASES], ids=IDS)
+def test_compile_one_graph_per_stage(case):
+    check_compile_one_graph_per_stage(case)

@@ -11,8 +11,8 @@ import torchvision
 
 import toe
 from conftest import ROOT, child_env
-from family_checks import (SCHEDULE, Case, check_ddp, check_last_stage_equals_plain, check_set_epoch_deepcopy_state_dict_remove,
-                           check_stage_one)
+from family_checks import (SCHEDULE, Case, check_compile_one_graph_per_stage, check_ddp,
+                           check_last_stage_equals_plain, check_set_epoch_deepcopy_state_dict_remove, check_stage_one)
 
 
 def build():
@@ -93,3 +93,7 @@ def test_toe_never_imports_transformers():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["33", "False"]
+
+
+def test_compile_one_graph_per_stage():
+    check_compile_one_graph_per_stage(CASE)
