@@ -185,3 +185,24 @@ def test_output_hidden_states_show_the_reduction():
                                   else pytest.param(c, marks=pytest.mark.slow) for c in CASES], ids=IDS)
 def test_compile_one_graph_per_stage(case):
     check_compile_one_graph_per_stage(case)
+
+
+def test_gradient_checkpointing_keeps_toe():
+    """transformers checkpoints the layer's forward, not its call: the ToE hook runs once, outside, and the
+    gradients equal those of the same patched model without checkpointing."""
+    (vit,) = [c for c in CASES if c.name == "ViTForImageClassification"]
+    model, twin = vit.build(), vit.build()
+    for m in (model, twin):
+        toe.apply(m, SCHEDULE).train()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.vit.layers)
+    x = torch.randn(2, 3, 32, 32)
+    out, features = last_layer_output(vit, model, x)
+    ref = twin(x)
+    assert features.shape[1] == 1 + 32
+    out.logits.sum().backward()
+    ref.logits.sum().backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
