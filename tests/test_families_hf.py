@@ -194,7 +194,7 @@ def test_gradient_checkpointing_keeps_toe():
     model, twin = vit.build(), vit.build()
     for m in (model, twin):
         toe.apply(m, SCHEDULE).train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.vit.layers)
     x = torch.randn(2, 3, 32, 32)
     out, features = last_layer_output(vit, model, x)
