@@ -184,3 +184,16 @@ def real_image_set() -> Path:
     if os.environ.get("TOE_REQUIRE_TEST_DATA") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_transformers():
+    """Hugging Face transformers (requirements-hf.txt, ``pip install .[hf]``), for module-level use: skips the
+    calling test module with the reason when it is absent, unless TOE_REQUIRE_HF=1 (CI), where it fails."""
+    reason = "Hugging Face transformers is not installed: pip install -r requirements-hf.txt (or pip install .[hf])"
+    if os.environ.get("TOE_REQUIRE_HF") == "1":
+        try:
+            import transformers
+        except ImportError as e:
+            pytest.fail(f"{reason} ({e})", pytrace=False)
+        return transformers
+    return pytest.importorskip("transformers", reason=reason)

@@ -7,9 +7,15 @@ from typing import List, Tuple
 from torch import nn
 
 from .base import Family, SideInputHook
+from .hf_clip import HFCLIPVision, HFSiglipVision
+from .hf_deit import HFDeiT
+from .hf_dinov2 import HFDinov2, HFDinov2WithRegisters
+from .hf_vit import HFViT
 from .timm_vit import TimmViT
+from .torchvision_vit import TorchvisionViT
 
-FAMILIES: List[Family] = [TimmViT()]
+FAMILIES: List[Family] = [TimmViT(), TorchvisionViT(), HFViT(), HFDeiT(), HFDinov2(), HFDinov2WithRegisters(),
+                          HFCLIPVision(), HFSiglipVision()]
 
 __all__ = ["FAMILIES", "Family", "SideInputHook", "resolve", "supported"]
 
