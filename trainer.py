@@ -328,7 +328,7 @@ class Trainer:
             raise UsageError(f"{self.cfg.run.resume} was trained with other settings: {text}; resume with "
                              f"--resume-changed-ok to continue anyway, or use another --output_dir")
         if blocking or noted:
-            self.startup_lines.append(f"notice: resuming with changed settings: {text}", flush=True)
+            self.startup_lines.append(f"notice: resuming with changed settings: {text}")
         return {**blocking, **noted}
 
     def _resume_training_state(self) -> None:
