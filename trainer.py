@@ -1,4 +1,5 @@
-"""Run a Config: build the pieces, resume, then train epoch by epoch (or only evaluate / time).
+"""Run a Config: build the pieces and resume (every check, before the output folder is claimed; see
+config/preflight.py), then train epoch by epoch (or only evaluate / time).
 
 After every epoch the log row is appended to log.txt first and the checkpoint written second (both
 atomically); a kill between the two re-runs that epoch on resume, and the resume truncates the log, so
