@@ -4,7 +4,9 @@ Before a training run writes anything, rank 0 takes an exclusive ``fcntl.flock``
 (which names its host and pid) and keeps it until the run ends, then removes the file; the OS drops the lock
 when the holder dies, so a killed run never blocks the next one. Holding the lock, it refuses a fresh start over an
 earlier run (a checkpoint or a non-empty log.txt), unless ``--overwrite`` asked for one: then the earlier
-run's files are moved into ``<output_dir>/old-<time>/``, never deleted.
+run's files are moved into ``<output_dir>/old-<time>/``, never deleted. The lock is taken only after every
+check of the command has passed (config/preflight.py), so a refused command moves nothing; :func:`probe`
+gives the lock's refusals early, without taking it.
 """
 from __future__ import annotations
 
@@ -42,9 +44,7 @@ class FolderLock:
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise UsageError(f"cannot lock --output_dir {folder}: {e}") from None
-                raise UsageError(f"another run is writing to --output_dir {folder} "
-                                 f"({holder or 'holder unknown'}); wait for it or stop it, or choose another "
-                                 f"--output_dir") from None
+                raise UsageError(_live_run(folder, holder)) from None
             if self._same_file(fd):
                 self._fd = fd
             else:  # the holder removed the file between our open and flock: lock the new one
@@ -59,11 +59,7 @@ class FolderLock:
             return False
 
     def _holder(self) -> str:
-        try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                return " ".join(f.read().split())
-        except OSError:
-            return ""
+        return _read_holder(self.path)
 
     def release(self) -> None:
         """Remove the lock file (still holding it, so no other run can lock the removed file unnoticed) and
@@ -75,6 +71,20 @@ class FolderLock:
                 pass
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def _read_holder(path: str) -> str:
+    """The host and pid a lock file names ('' when unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return ""
+
+
+def _live_run(folder: str, holder: str) -> str:
+    return (f"another run is writing to --output_dir {folder} ({holder or 'holder unknown'}); wait for it or "
+            f"stop it, or choose another --output_dir")
 
 
 def earlier_run(folder: str) -> List[str]:
@@ -111,23 +121,75 @@ def _continues_this_folder(folder: str, resume: str) -> bool:
     return bool(resume) and os.path.exists(own) and os.path.exists(resume) and os.path.samefile(resume, own)
 
 
-def claim(folder: str, resume: str, overwrite: bool) -> FolderLock:
+def stamp(path: str) -> Optional[tuple]:
+    """What identifies the file at ``path`` now (inode, size, modification time), or None when absent: a
+    checkpoint read before the folder was locked must be the one the lock finds."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _replaced_run(folder: str, resume: str) -> Optional[str]:
+    """The refusal of a start that would replace the run ``folder`` holds, or None."""
+    found = earlier_run(folder)
+    if found and not _continues_this_folder(folder, resume):
+        start = f"resuming from {resume}" if resume else "a fresh start"
+        return (f"--output_dir {folder} already holds a run ({', '.join(found)}) that {start} would replace; "
+                f"continue it with --resume auto, start over with --overwrite (moves its files to "
+                f"{os.path.join(folder, 'old-<time>')}), or choose another --output_dir")
+    return None
+
+
+def probe(folder: str, resume: str, overwrite: bool) -> None:
+    """The refusals of :func:`claim` that can be known without taking the lock, creating or moving anything:
+    a live run holds ``folder``, or a fresh start would replace its run. Raises UsageError."""
+    if not os.path.isdir(folder):
+        return
+    path = os.path.join(folder, LOCK_FILE)
+    if os.path.isfile(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at once: only asks whether it is held
+        except OSError:
+            raise UsageError(_live_run(folder, _read_holder(path))) from None
+        finally:
+            os.close(fd)
+    problem = None if overwrite else _replaced_run(folder, resume)
+    if problem:
+        raise UsageError(problem)
+
+
+def claim(folder: str, resume: str, overwrite: bool, resume_stamp: Optional[tuple] = None) -> FolderLock:
     """Lock ``folder`` for this run and make sure starting it replaces nothing; returns the held lock.
-    ``resume``: the checkpoint this run continues ('' for a fresh start). Raises UsageError (lock released)."""
+    ``resume``: the checkpoint this run continues ('' for a fresh start), as :func:`stamp` found it when it was
+    read (``resume_stamp``). Raises UsageError (lock released)."""
     lock = FolderLock(folder)
     try:
+        if resume and resume_stamp is not None and stamp(resume) != resume_stamp:
+            raise UsageError(f"{resume} changed while this run was starting (another run wrote it); rerun the "
+                             f"command to continue from the new checkpoint")
         if overwrite:
             moved = move_aside(folder)
             if moved:
                 print(f"--overwrite: moved the earlier run's files to {moved}", flush=True)
             return lock
-        found = earlier_run(folder)
-        if found and not _continues_this_folder(folder, resume):
-            start = f"resuming from {resume}" if resume else "a fresh start"
-            raise UsageError(f"--output_dir {folder} already holds a run ({', '.join(found)}) that {start} would "
-                             f"replace; continue it with --resume auto, start over with --overwrite (moves its "
-                             f"files to {os.path.join(folder, 'old-<time>')}), or choose another --output_dir")
+        problem = _replaced_run(folder, resume)
+        if problem:
+            raise UsageError(problem)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def finished_text(resume: str, trained: int, epochs: int, best_top1: float) -> str:
+    """The line for a resume of ``resume`` (``trained`` epochs done) that has nothing left of ``epochs``."""
+    folder = os.path.dirname(os.path.abspath(resume))
+    results = [os.path.join(folder, name) for name in ("log.txt", "best_checkpoint.pth")
+               if os.path.isfile(os.path.join(folder, name))]
+    done = f"epoch {trained} of {epochs}" if trained == epochs else f"{trained} epochs, more than --epochs {epochs}"
+    return (f"already finished: {resume} holds {done} (best top-1 {best_top1:.2f}%); its results are in "
+            f"{', '.join(results or [resume])}. Nothing was trained or written: give a larger --epochs to train "
+            f"on, or --eval to evaluate it")

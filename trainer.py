@@ -1,4 +1,5 @@
-"""Run a Config: build the pieces, resume, then train epoch by epoch (or only evaluate / time).
+"""Run a Config: build the pieces and resume (every check, before the output folder is claimed; see
+config/preflight.py), then train epoch by epoch (or only evaluate / time).
 
 After every epoch the log row is appended to log.txt first and the checkpoint written second (both
 atomically); a kill between the two re-runs that epoch on resume, and the resume truncates the log, so
@@ -19,6 +20,7 @@ import distributed
 import engine
 import interrupts
 import rundir
+import runflops
 import runlog
 import samplers
 import utils
@@ -33,21 +35,27 @@ def run(cfg: Any) -> int:
     placement = distributed.start(cfg.run.device.startswith("cuda"), cfg.run.dist_url, cfg.run.local_rank)
     device = torch.device(f"cuda:{placement.local_rank}" if placement.distributed and
                           cfg.run.device.startswith("cuda") else cfg.run.device)
-    lock = _claim_output_dir(cfg, placement)  # before anything is written
-    trainer = None
+    lock, trainer = None, None
     try:
-        print(f"run: {placement.world_size} process(es) on {device}, amp {cfg.run.amp}, global batch "
-              f"{cfg.run.global_batch}, lr {cfg.optim.lr:.4g}, data backend {cfg.data.backend}", flush=True)
-        print(json.dumps(cfg.flags, sort_keys=True), flush=True)
+        from config import preflight
+
+        # every check first (config/preflight.py): a refused command prints one line and creates or moves nothing
+        preflight.check_early(cfg, placement)
         trainer = Trainer(cfg, placement, device)
-        code = trainer.throughput() if cfg.run.throughput else trainer.evaluate_only() if cfg.run.eval_only \
-            else trainer.fit()
+        code, finished = 0, trainer.prepare()
+        if finished:
+            print(finished, flush=True)
+        else:
+            lock = preflight.claim_output_dir(cfg, placement, trainer.resume_stamp)
+            trainer.announce()
+            code = trainer.throughput() if cfg.run.throughput else trainer.evaluate_only() if cfg.run.eval_only \
+                else trainer.fit()
     except Exception:
         if not interrupts.received():
             raise
-        code = _interrupted(cfg, trainer)  # a peer's exit broke a collective: part of the same stop
+        code = _interrupted(cfg, trainer, lock is not None)  # a peer's exit broke a collective: the same stop
     except KeyboardInterrupt:
-        code = _interrupted(cfg, trainer)
+        code = _interrupted(cfg, trainer, lock is not None)
     finally:
         if lock is not None:
             lock.release()
@@ -56,28 +64,12 @@ def run(cfg: Any) -> int:
     return code
 
 
-def _claim_output_dir(cfg: Any, placement: distributed.Placement) -> Optional[rundir.FolderLock]:
-    """Rank 0 locks the output folder and refuses to replace an earlier run; every rank learns the outcome."""
-    if not cfg.run.output_dir or cfg.run.eval_only or cfg.run.throughput:
-        return None
-    lock, problem = None, None
-    if placement.is_main:
-        try:
-            lock = rundir.claim(cfg.run.output_dir, cfg.run.resume, cfg.run.overwrite)
-        except UsageError as e:
-            problem = str(e)
-    problem = distributed.share_from_main(problem)
-    if problem is not None:
-        distributed.stop()
-        raise UsageError(problem)
-    return lock
-
-
-def _interrupted(cfg: Any, trainer: Optional["Trainer"]) -> int:
-    """The one line of a Ctrl-C / SIGTERM: where the run stopped and how to continue it."""
+def _interrupted(cfg: Any, trainer: Optional["Trainer"], claimed: bool) -> int:
+    """The one line of a Ctrl-C / SIGTERM: where the run stopped and how to continue it. ``claimed``: this run
+    held its output folder (before that, it had written nothing)."""
     where = trainer.position() if trainer is not None else "before training started"
     ckpt = os.path.join(cfg.run.output_dir, "checkpoint.pth") if cfg.run.output_dir else ""
-    if cfg.run.eval_only or cfg.run.throughput or not ckpt:
+    if cfg.run.eval_only or cfg.run.throughput or not ckpt or not claimed:
         hint = "nothing was written"
     elif not os.path.isfile(ckpt):
         hint = "no epoch was completed, so there is no checkpoint yet; rerun the same command to start again"
@@ -114,6 +106,8 @@ class Trainer:
         self.cfg, self.placement, self.device = cfg, placement, device
         self.amp_dtype = _AMP_DTYPES[cfg.run.amp]
         self.recipe = recipe_for(cfg)
+        self.startup_lines: list = []  # printed by announce(), once every check has passed
+        self.resume_stamp = rundir.stamp(cfg.run.resume) if cfg.run.resume else None
         self.resume_ckpt = checkpoint.read(cfg.run.resume) if cfg.run.resume else None
         if self.resume_ckpt is not None and "model" not in self.resume_ckpt and not cfg.run.eval_only:
             raise CheckpointError(f"cannot resume from {cfg.run.resume}: it has no 'model' entry "
@@ -175,30 +169,27 @@ class Trainer:
         model, report = builders.build_model(cfg.model, cfg.toe, self.num_classes, self._model_extra_kwargs(),
                                              finetune_state, distilled_training=cfg.distill.kind != "none")
         if report is not None:
-            print(f"fine-tuning from {cfg.model.finetune}: re-initialised {report['dropped'] or 'no classifier'}"
-                  f"{'; pos_embed resampled' if report['resampled'] else ''}")
+            self.startup_lines.append(f"fine-tuning from {cfg.model.finetune}: re-initialised "
+                                      f"{report['dropped'] or 'no classifier'}"
+                                      f"{'; pos_embed resampled' if report['resampled'] else ''}")
         self.num_patches = builders.num_patches(model)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", 16)
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
-        self.gflops: Dict[int, Dict[str, Any]] = {}
+        self.gflops: runflops.Table = {}
         if not (cfg.run.eval_only or cfg.run.throughput):
-            self.gflops = gflops_by_size(model, cfg, self._train_sizes())  # on CPU, before the move
+            self.gflops, line = runflops.gflops_table(model, cfg)  # on CPU, before the move
+            self.startup_lines.append(line)
         self.plain_model = model.to(self.device)
         self.model_ema = builders.build_ema(model, cfg.model)
         self.ema_device = torch.device("cpu") if cfg.model.ema_on_cpu else self.device
         self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"model {cfg.model.name}: {self.n_parameters} trainable parameters, {self.num_patches} patches")
+        self.startup_lines.append(f"model {cfg.model.name}: {self.n_parameters} trainable parameters, "
+                                  f"{self.num_patches} patches")
         self.model = torch.compile(model, backend=cfg.model.compile_backend) if cfg.model.compile else model
         if self.placement.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def _train_sizes(self):
-        curriculum = self.cfg.curriculum
-        if curriculum is None:
-            return [self.cfg.model.input_size]
-        return sorted({curriculum.input_size(e) for e in range(self.cfg.run.epochs)})
 
     def _build_training(self) -> None:
         cfg = self.cfg
@@ -338,7 +329,7 @@ class Trainer:
             raise UsageError(f"{self.cfg.run.resume} was trained with other settings: {text}; resume with "
                              f"--resume-changed-ok to continue anyway, or use another --output_dir")
         if blocking or noted:
-            print(f"notice: resuming with changed settings: {text}", flush=True)
+            self.startup_lines.append(f"notice: resuming with changed settings: {text}")
         return {**blocking, **noted}
 
     def _resume_training_state(self) -> None:
@@ -358,7 +349,7 @@ class Trainer:
                 checkpoint.restore_rng_state(ckpt["rng"])
             self.start_epoch = int(ckpt["epoch"]) + 1
             self.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
-        print(f"resumed from {path} (last finished epoch {ckpt.get('epoch', '?')})")
+        self.startup_lines.append(f"resumed from {path} (last finished epoch {ckpt.get('epoch', '?')})")
 
     # ------------------------------------------------------------------------------- evaluation / timing
     def _set_toe_epoch(self, epoch: int) -> None:
@@ -395,8 +386,6 @@ class Trainer:
 
     def evaluate_only(self) -> int:
         ckpt = self.resume_ckpt
-        if ckpt is not None:
-            self._load_weights()
         epoch = int(ckpt.get("epoch", 0)) if ckpt is not None else self.start_epoch
         self._set_toe_epoch(epoch)
         if ckpt is None or ckpt.get("model_ema") is None:
@@ -410,7 +399,6 @@ class Trainer:
         cfg = self.cfg
         if self.resume_ckpt is not None and "epoch" in self.resume_ckpt:
             # time the stage the resumed run is in: its next epoch
-            self._load_weights()
             self.start_epoch = min(int(self.resume_ckpt["epoch"]) + 1, cfg.run.epochs - 1)
         self._set_toe_epoch(self.start_epoch)
         size = cfg.model.input_size
@@ -424,15 +412,37 @@ class Trainer:
         return 0
 
     # ------------------------------------------------------------------------------------------ training
-    def fit(self) -> int:
-        cfg = self.cfg
+    def prepare(self) -> str:
+        """What can still refuse the command, done before its output folder is claimed: the resumed weights,
+        and for training the data, optimizer, schedule and the resumed run's flags and states. Returns the line
+        for a resumed run with no epoch left to train ('' otherwise)."""
+        cfg, ckpt = self.cfg, self.resume_ckpt
+        if cfg.run.eval_only or cfg.run.throughput:
+            if ckpt is not None and (cfg.run.eval_only or "epoch" in ckpt):
+                self._load_weights()
+            return ""
         self._build_training()
-        changes: Dict[str, Any] = {}
-        if self.resume_ckpt is not None:
-            changes = self._check_changes()  # the saved run's flags first: they name what changed
+        self.changes: Dict[str, Any] = {}
+        if ckpt is not None:
+            self.changes = self._check_changes()  # the saved run's flags first: they name what changed
             self._load_weights()
             self._resume_training_state()
-        self._open_outputs(changes)
+        if ckpt is None or self.start_epoch < cfg.run.epochs:
+            return ""
+        return rundir.finished_text(cfg.run.resume, self.start_epoch, cfg.run.epochs, self.max_accuracy)
+
+    def announce(self) -> None:
+        """The start-up lines, once the command has passed every check (and holds its output folder)."""
+        cfg = self.cfg
+        print(f"run: {self.placement.world_size} process(es) on {self.device}, amp {cfg.run.amp}, global batch "
+              f"{cfg.run.global_batch}, lr {cfg.optim.lr:.4g}, data backend {cfg.data.backend}", flush=True)
+        print(json.dumps(cfg.flags, sort_keys=True), flush=True)
+        for line in self.startup_lines:
+            print(line, flush=True)
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        self._open_outputs(self.changes)
         print(f"training epochs {self.start_epoch}..{cfg.run.epochs - 1} ({cfg.run.epochs - self.start_epoch} to go)")
         started = time.time()
         for epoch in range(self.start_epoch, cfg.run.epochs):
@@ -511,14 +521,13 @@ class Trainer:
     def _log_row(self, epoch: int, stats: Dict[str, Any], evaluation: Dict[str, Any], tokens: int) -> Dict[str, Any]:
         cfg = self.cfg
         stage = cfg.toe.schedule.stage(epoch) if cfg.toe is not None else None
-        flops = self.gflops.get(self._phase_size(epoch), {})
         row: Dict[str, Any] = {
             "train_loss": stats["loss"], "train_lr": stats["lr"], "toe_stage": stage,
             "toe_keep_rate": cfg.toe.schedule.keep_rate(epoch) if cfg.toe is not None else 1.0,
             "toe_tokens": tokens, "num_patches": self.num_patches, "train_input_size": self._phase_size(epoch),
             "epoch_time": stats["epoch_time"], "train_img_per_s": stats["img_per_s"], **evaluation,
             "max_accuracy": self.max_accuracy, "n_parameters": self.n_parameters,
-            "gflops_per_iter": flops.get("per_stage", {}).get(stage, flops.get("baseline")),
+            "gflops_per_iter": runflops.at_epoch(self.gflops, cfg, epoch),
             "epoch": epoch, "skipped_images": _skipped(self.train_set),
         }
         if cfg.curriculum is not None:
@@ -574,27 +583,3 @@ def _board_tag(key: str) -> str:
         if key.startswith(prefix + "_"):
             return f"{prefix}/{key[len(prefix) + 1:]}"
     return "misc/" + key
-
-
-def gflops_by_size(model: torch.nn.Module, cfg: Any, sizes) -> Dict[int, Dict[str, Any]]:
-    """toe.flops' GFLOPs per iteration (forward MACs x 3 x global batch) at each training size:
-    {size: {'per_stage': {stage: gflops}, 'baseline': gflops}}; empty for models it cannot count."""
-    from toe import flops
-
-    table: Dict[int, Dict[str, Any]] = {}
-    schedule = cfg.toe.schedule if cfg.toe is not None else None
-    layer = cfg.toe.layer if cfg.toe is not None else 1
-    for size in sizes:
-        try:
-            res = flops.gflops_per_iteration(model, schedule, layer=layer, batch_size=cfg.run.global_batch,
-                                             img_size=size)
-        except (ValueError, RuntimeError, TypeError) as e:
-            print(f"warning: GFLOPs not counted for {cfg.model.name} at {size} px: {e}")
-            return {}
-        table[size] = {"per_stage": {int(s["stage"]): float(s["gflops"]) for s in res["stages"]},
-                       "baseline": float(res["baseline"]["gflops"])}
-    if cfg.model.input_size in table:
-        base = table[cfg.model.input_size]
-        print(f"GFLOPs per iteration at global batch {cfg.run.global_batch}: baseline {base['baseline']:.4g}, "
-              f"per ToE stage {base['per_stage'] or '-'}")
-    return table

@@ -6,6 +6,7 @@ model on the meta device to check ToE, token labeling and fine-tuning against it
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from typing import Any
 
@@ -32,6 +33,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.start_epoch < 0:
         raise UsageError(f"--start_epoch must be >= 0, got {args.start_epoch}")
+    if args.start_epoch >= args.epochs and not (args.eval or args.throughput):
+        raise UsageError(f"--start_epoch {args.start_epoch} leaves no epoch of --epochs {args.epochs} to train")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.distillation_tau <= 0:
@@ -270,8 +273,10 @@ def check_against_model(model_cfg: Any, toe_cfg: Any, token_label: Any, num_clas
     import models  # noqa: F401
 
     if not timm.is_model(model_cfg.name):
-        close = timm.list_models(f"*{model_cfg.name.split('_')[0]}*")[:5] if model_cfg.name else []
-        raise UsageError(f"unknown model '{model_cfg.name}'" + (f" (similar: {', '.join(close)})" if close else ""))
+        # ranked by edit distance: a typo is one or two characters away from the name meant
+        close = difflib.get_close_matches(model_cfg.name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        raise UsageError(f"unknown model '{model_cfg.name}'{hint}")
     model = _build_on_meta(model_cfg, num_classes, {})
     embed = getattr(model, "patch_embed", None)
     grid = tuple(getattr(embed, "grid_size", ()) or ())

@@ -7,15 +7,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import builders
 from report.common import YOURS, flag_name, show_value, shown_path
+from report.recipes import NOT_COMPARED
 from report.runargs import global_batch
 from report.runs import Run
 from report.tables import Cell, cell_json, gflops_text, hours_text, ratio_text, top1_text
 
 # =========================================================================================== your runs
-# Arguments that differ between otherwise equal runs without changing what they train: where they write,
-# how a resume found them, and what the launcher filled in for each process.
-_PAIR_IGNORED = frozenset({"output_dir", "resume", "resume_changed_ok", "start_epoch", "rank", "gpu",
-                           "local_rank", "distributed", "dist_backend", "dist_url"})
+# Arguments that differ between otherwise equal runs without changing what they train: how a run was launched,
+# loaded, resumed or restarted (the flags not compared with the paper's commands, but for where the data lies
+# and the seed, which tell runs apart), and what the launcher filled in for each process. They neither split a
+# ToE run from its baseline nor appear in the Setup column.
+HOW_IT_RUNS = NOT_COMPARED - {"data_path", "token_label_data", "seed"}
+_PAIR_IGNORED = HOW_IT_RUNS | {"start_epoch", "rank", "gpu", "distributed", "dist_backend"}
 
 
 def pair_key(args: Dict[str, Any]) -> str:
@@ -119,8 +122,8 @@ def build_yours(runs: List[Run], use_flops: bool) -> Optional[Dict[str, Any]]:
              "top-1: the model's own (not EMA), best over the logged epochs and at the last one; GPU hours: sum of "
              "epoch training time x processes"]
     if any(r.mixed for b, ts in groups for r in b + ts):
-        notes.append("mixed: resumed with changed flags (--resume-changed-ok, or a new lr, batch or epochs), so "
-                     "part of the run trained otherwise; such runs never fill a paper table")
+        notes.append("mixed: resumed with changed flags (log.txt's resumed_with_changes row), so part of the run "
+                     "trained otherwise; such runs never fill a paper table")
     if unpaired:
         notes.append(f"{unpaired} ToE run(s) without a baseline of the same arguments: nothing to compare with")
     if any("[log]" in c for r in out for c in r):

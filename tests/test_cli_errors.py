@@ -44,6 +44,12 @@ def test_bad_flags(extra, needles):
     _assert_one_line_error(code, out, err, *needles)
 
 
+def test_unknown_model_hint_is_ranked_by_edit_distance():
+    # one character short of deit_tiny_patch16_224: that name first, not the deit3_* names sharing a prefix
+    code, out, err = main_inprocess(BASE + ["--model", "deit_tiny_patch16_22"])
+    _assert_one_line_error(code, out, err, "unknown model 'deit_tiny_patch16_22' (did you mean: deit_tiny_patch16_224,")
+
+
 def test_empty_data_path(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -39,6 +39,7 @@ def curriculum_run(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err
+    (out / "stdout.txt").write_text(stdout)  # beside the run: its start-up lines
     return out, read_log(out / "log.txt")
 
 
@@ -70,6 +71,24 @@ def test_gflops_follow_size_and_stage(curriculum_run):
         assert row["gflops_per_iter"] == pytest.approx(per_stage[row["toe_stage"]], rel=1e-9), row
     # the curriculum makes early epochs cheaper than the final size at the same stage
     assert rows[0]["gflops_per_iter"] < rows[4]["gflops_per_iter"] * 0.6
+
+
+def test_startup_gflops_line_is_the_runs_mean_as_logged(curriculum_run):
+    """The start-up line prints the mean log.txt will hold (each epoch at its phase size and stage), which is
+    what summarize.py averages for a curriculum run; not the final size's per-stage counts."""
+    out, rows = curriculum_run
+    (line,) = [ln for ln in (out / "stdout.txt").read_text().splitlines() if ln.startswith("GFLOPs per iteration")]
+    logged = [r["gflops_per_iter"] for r in rows]
+    assert f"mean {sum(logged) / len(logged):.4g} over the run's 5 epochs" in line, line
+    # every (size, stage) step of the run, in order, as logged
+    steps = []
+    for r in rows:
+        step = f"{r['train_input_size']} px stage {r['toe_stage']}: {r['gflops_per_iter']:.4g}"
+        if not steps or steps[-1] != step:
+            steps.append(step)
+    assert ", ".join(steps) in line, line
+    # the last epoch keeps every token at the final size: the baseline's count
+    assert f"baseline {rows[-1]['gflops_per_iter']:.4g} (all tokens at 64 px" in line, line
 
 
 def test_resume_mid_curriculum_is_bitwise(curriculum_run, tmp_path):

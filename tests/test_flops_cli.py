@@ -197,3 +197,18 @@ def test_paper_table_whose_models_are_missing_is_an_error(tmp_path):
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m toe.flops: error: Table 3 not computed: unknown model "
                                                "'lvvit_t'") and "--model-module" in err[0]
+
+
+def test_text_output_labels_patch_tokens_and_tokens_with_the_prefix(capsys):
+    """log.txt's toe_tokens counts patch tokens; toe.flops prints that count as `patches` next to the tokens
+    block `layer` processes (the class token included), and says which is which."""
+    assert main(["--model", "deit_tiny_patch16_224", "--toe-r1", "0.5", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(line for line in out if "GFLOPs/iter" in line).split()
+    rows = {line.split()[1]: line.split() for line in out if line.startswith("stage ")}
+    for stage, keep in (("1", 0.5), ("2", 0.75), ("3", 1.0)):
+        kept = _tokens(keep, 196)
+        cells = dict(zip(header, rows[stage][2:]))
+        assert (int(cells["patches"]), int(cells["tokens"])) == (kept, kept + 1), rows[stage]
+    assert any("patches: patch tokens kept (main.py's log.txt toe_tokens)" in line and "1 prefix token" in line
+               for line in out)

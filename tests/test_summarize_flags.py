@@ -214,3 +214,42 @@ def test_runs_moved_aside_by_overwrite_are_not_extra_runs(tmp_path):
     named = write_run(tmp_path / "old-runs", args_json(_tiny_vit(), 1), [7.0])
     assert find_runs([str(tmp_path)]) == sorted([str(live), str(named)])
     assert find_runs([str(old)]) == [str(old)] and find_runs([str(again / "log.txt")]) == [str(again)]
+
+
+def _readme_between(start: str, end: str) -> str:
+    text = " ".join((ROOT / "README.md").read_text().split())
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+def test_readme_names_what_is_compared_and_what_marks_a_run_mixed():
+    """The backend changes pixels: --data-backend is compared, and a resume that changes it is a mixture. The
+    README's lists are the code's: every flag not compared, and every changed flag that marks a resumed run."""
+    import config
+    from report import common, recipes, runs
+
+    assert "data_backend" not in recipes.NOT_COMPARED
+    assert "`--data-backend` is compared" in " ".join((ROOT / "README.md").read_text().split())
+    not_compared = _readme_between("Not compared, as they cannot change", "A run resumed under changed flags")
+    assert [f for f in sorted(recipes.NOT_COMPARED) if f"`{common.flag_name(f)}`" not in not_compared] == []
+    marking = [flag for flag in config.NOTED_CHANGES
+               if runs.resumed_changes([{"resumed_with_changes": {flag: [1, 2]}, "epoch": 3}])]
+    assert "data_backend" in marking and "epochs" in marking and "batch_size" not in marking
+    mixed = _readme_between("A run resumed under changed flags", "Such a run never fills")
+    named = [flag for flag in marking if (f"`{common.flag_name(flag)}`" if flag != "global_batch"
+                                          else "global batch") in mixed]
+    assert named == marking and "`--resume-changed-ok`" in mixed
+    assert runs.resumed_changes([{"resumed_with_changes": {"data_backend": ["dali", "pil"]}, "epoch": 2}]) == [
+        "data_backend dali -> pil at epoch 2"]
+
+
+def test_your_runs_leave_how_a_run_ran_out_of_setup_and_pairing(summarize, tmp_path, capsys):
+    """--overwrite, loader workers, the device or print frequency do not tell a ToE run from its baseline."""
+    write_run(tmp_path / "base", args_json(_tiny_vit(), 1), [10.0, 12.0])
+    write_run(tmp_path / "toe", args_json(_tiny_vit(["--toe-r1", "0.5", "--overwrite", "--num_workers", "4",
+                                                     "--device", "cpu", "--print-freq", "5"]), 1), [11.0, 12.5])
+    out = run_cli(summarize, [tmp_path, "--tables", "8", "--no-flops"], capsys)["out"]
+    base, toe = _line(out, "base  "), _line(out, "toe  ")
+    for flag in ("--overwrite", "--num_workers", "--device", "--print-freq"):
+        assert flag not in base and flag not in toe, flag
+    assert "12.50 (+0.50)" in toe  # paired with its baseline
+    assert "without a baseline" not in out

@@ -206,6 +206,8 @@ def format_paper_tables(results: List[Dict[str, Any]]) -> str:
         if entry.get("note"):
             lines.append(f"  note: {entry['note']}")
         lines.append("")
+    lines.append("tokens/stage: what block `layer` processes in each stage, prefix tokens (CLS) included; main.py's "
+                 "log.txt toe_tokens counts the patch tokens only.")
     lines.append("The paper's speedup column is the ratio of its rounded GFLOPs (e.g. 3.3e3 / 2.6e3 = 1.27x); "
                  "the speedups here are from the unrounded counts.")
     agree = sum(r["agrees"] for e in results for r in e["rows"])
@@ -224,6 +226,7 @@ def not_computed(results: List[Dict[str, Any]]) -> str:
 def _format_result(res: Dict[str, Any]) -> str:
     lines = [f"model {res['model']}  img {res['img_size'][0]}x{res['img_size'][1]}  batch {res['batch_size']}  "
              f"prefix tokens {res['num_prefix_tokens']}  patches {res['num_patches']}"]
+    prefix = res["num_prefix_tokens"]
     sched = res["schedule"]
     if sched is not None:
         lines.append(f"ToE r1={sched['r1']:g} r0={sched['r0']:g} ng={sched['ng']} k={sched['k']} "
@@ -231,26 +234,32 @@ def _format_result(res: Dict[str, Any]) -> str:
     if res["curriculum"] is not None:
         lines.append(f"curriculum {res['curriculum']['table']} (start:size:magnitude) over "
                      f"{res['curriculum']['epochs']} epochs")
-        lines.append(f"{'':<10} {'epochs':>9} {'size':>5} {'m':>3} {'stage':>5} {'keep':>6} {'tokens':>7} "
-                     f"{'GMACs/img':>10} {'GFLOPs/iter':>12}")
+        lines.append(f"{'':<10} {'epochs':>9} {'size':>5} {'m':>3} {'stage':>5} {'keep':>6} {'patches':>7} "
+                     f"{'tokens':>7} {'GMACs/img':>10} {'GFLOPs/iter':>12}")
         for seg in res["segments"]:
             span = f"{seg['start_epoch']}-{seg['start_epoch'] + seg['epochs'] - 1}"
             stage = "-" if seg["stage"] is None else str(seg["stage"])
             lines.append(f"phase {seg['phase']:<4} {span:>9} {seg['input_size']:>5} {seg['magnitude']:>3} "
-                         f"{stage:>5} {seg['keep_rate']:>6.3f} {seg['tokens']:>7} {seg['macs'] / 1e9:>10.4f} "
+                         f"{stage:>5} {seg['keep_rate']:>6.3f} {seg['tokens'] - prefix:>7} {seg['tokens']:>7} "
+                         f"{seg['macs'] / 1e9:>10.4f} "
                          f"{seg['gflops']:>12.4g}")
         average = "curriculum average"
     else:
-        lines.append(f"{'':<10} {'epochs':>9} {'keep':>6} {'tokens':>7} {'GMACs/img':>10} {'GFLOPs/iter':>12}")
+        lines.append(f"{'':<10} {'epochs':>9} {'keep':>6} {'patches':>7} {'tokens':>7} {'GMACs/img':>10} "
+                     f"{'GFLOPs/iter':>12}")
         for st in res["stages"]:
             span = f"{st['start_epoch']}-{st['start_epoch'] + st['epochs'] - 1}"
-            lines.append(f"stage {st['stage']:<4} {span:>9} {st['keep_rate']:>6.3f} {st['tokens']:>7} "
+            lines.append(f"stage {st['stage']:<4} {span:>9} {st['keep_rate']:>6.3f} {st['tokens'] - prefix:>7} "
+                         f"{st['tokens']:>7} "
                          f"{st['macs'] / 1e9:>10.4f} {st['gflops']:>12.4g}")
         average = "schedule average"
     b = res["baseline"]
-    lines.append(f"{'baseline':<10} {'all':>9} {1.0:>6.3f} {b['tokens']:>7} {b['macs'] / 1e9:>10.4f} "
+    lines.append(f"{'baseline':<10} {'all':>9} {1.0:>6.3f} {b['tokens'] - prefix:>7} {b['tokens']:>7} "
+                 f"{b['macs'] / 1e9:>10.4f} "
                  f"{b['gflops']:>12.4g}" + ("  (full tokens at the final size, no curriculum)"
                                             if res["curriculum"] is not None else ""))
+    lines.append(f"patches: patch tokens kept (main.py's log.txt toe_tokens); tokens: what block {res['layer']} "
+                 f"processes, the {prefix} prefix token(s) (class, distillation, registers) included")
     lines.append(f"{average}: {res['gflops']:.4g} GFLOPs per training iteration (baseline {b['gflops']:.4g})")
     lines.append(f"theoretical speedup: {res['speedup']:.3f}x")
     return "\n".join(lines)
