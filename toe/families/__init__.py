@@ -7,9 +7,11 @@ from typing import List, Tuple
 from torch import nn
 
 from .base import Family, SideInputHook
+from .timm_beit import TimmBeit
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
-FAMILIES: List[Family] = [TimmViT()]
+FAMILIES: List[Family] = [TimmEva(), TimmBeit(), TimmViT()]
 
 __all__ = ["FAMILIES", "Family", "SideInputHook", "resolve", "supported"]
 
