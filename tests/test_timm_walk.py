@@ -19,6 +19,7 @@ import timm
 import torch
 from timm.models import _registry
 
+import models  # noqa: F401  (this repository's LV-ViT joins timm's registry: walked like timm's own)
 import toe
 from toe import Schedule
 
@@ -30,6 +31,7 @@ TINY_CONFIGS = {
     "VisionTransformerDistilled": ("deit_tiny_distilled_patch16_224", TINY),
     "Eva": ("eva02_tiny_patch14_224", TINY),
     "Beit": ("beit_base_patch16_224", TINY),
+    "LVViT": ("lvvit_s", TINY),
 }
 
 
