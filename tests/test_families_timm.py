@@ -176,6 +176,15 @@ def test_eva_stage1_is_the_composition_with_kept_rope_rows(key):
     assert torch.equal(toe.last_index(model), index)
 
 
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("key", ["eva02", "rope-mixed"])
+def test_eva_other_layers(key, layer):
+    model, plain = patched_and_plain(key, layer=layer)
+    x = image()
+    expected, _, _ = eva_by_hand(plain, x, layer, SCHEDULE.rates(1), SCHEDULE.k)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_eva02_kept_features_equal_hand_built_blocks(fused):
     """EVA-02: the kept tokens after the patched block and after the last block equal blocks written out
@@ -319,8 +328,11 @@ def test_lookalikes_are_refused_with_the_reason(name, kwargs, message):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["eva02", "beit"])
-def test_compiled_equals_eager_at_stage1(key):
+def test_compiled_equals_eager_one_graph_per_stage(key):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     model, plain = patched_and_plain(key)
     x = image()
     eager = model(x)
@@ -329,5 +341,7 @@ def test_compiled_equals_eager_at_stage1(key):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert model.blocks[2].attn.qkv.weight.grad is not None
+    compiled(x)
     toe.set_epoch(model, LAST_EPOCH)
     torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["stats"])
