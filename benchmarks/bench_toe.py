@@ -16,6 +16,9 @@ with the eager ones, and prints their step times next to the eager ones with the
 This is a benchmark that prints numbers, not a test. Example (the issue's target setting):
 
     python benchmarks/bench_toe.py --model deit_tiny_patch16_224 --batch-size 32 --img-size 224 --threads 2
+
+``--family`` times a family's default model instead of ``--model``'s (``timm``: DeiT-tiny; ``timm-eva``:
+EVA-02-tiny, rotary embeddings, 256 patches at 224 px). Blocks and prefix tokens come from ``toe.families``.
 """
 from __future__ import annotations
 
@@ -34,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import steptime  # noqa: E402
 import toe  # noqa: E402
+from toe.families import resolve  # noqa: E402
 from toe.flops import create_model, gflops_per_iteration  # noqa: E402
+
+
+# --family -> the model it times by default
+FAMILY_MODELS = {"timm": "deit_tiny_patch16_224", "timm-eva": "eva02_tiny_patch14_224"}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -44,7 +52,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = _ArgumentParser(prog="bench_toe.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="deit_tiny_patch16_224")
+    p.add_argument("--model", default=None, help=f"timm model name (default: the --family's, {FAMILY_MODELS})")
+    p.add_argument("--family", default=None, choices=sorted(FAMILY_MODELS),
+                   help="time this family's default model (default: timm); give --model or --family, not both")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -73,6 +83,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     args = p.parse_args(argv)
+    if args.model is not None and args.family is not None:
+        p.error("give --model or --family, not both")
+    args.model = args.model or FAMILY_MODELS[args.family or "timm"]
     for name in ("batch_size", "img_size", "reps", "op_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -101,10 +114,15 @@ def make_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
     return steptime.make_step(model, images, labels, amp_dtype=amp_dtype)
 
 
+def blocks_of(model: torch.nn.Module):
+    """The model's blocks as its ToE family sees them (ValueError for a model ToE cannot patch)."""
+    return resolve(model).blocks(model)
+
+
 def block_input(model: torch.nn.Module, images: torch.Tensor, layer: int, amp: bool) -> torch.Tensor:
-    """The real input of ``model.blocks[layer]`` [B, N, C] for ``images`` (train mode, no ToE)."""
+    """The real input of block ``layer`` [B, N, C] for ``images`` (train mode, no ToE)."""
     captured: List[torch.Tensor] = []
-    handle = model.blocks[layer].register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().clone()))
+    handle = blocks_of(model)[layer].register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().clone()))
     dtype = torch.float16 if images.device.type == "cuda" else torch.bfloat16
     try:
         with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=amp):
@@ -208,7 +226,7 @@ def _time_configs(args, configs: Dict[str, Callable[[], None]], device: torch.de
 def _measure_op(args, schedule, plain, images, med: Dict[str, float], device: torch.device):
     """The op alone on the real block-`layer` input, per reducing stage. Returns (input, rows)."""
     x = block_input(plain, images, args.toe_layer, args.amp)
-    prefix = int(plain.num_prefix_tokens)
+    prefix = resolve(plain).num_prefix_tokens(plain)
     op_rows = []
     for s in range(1, schedule.ng + 1):
         rates = schedule.rates(s)
@@ -291,9 +309,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     try:
         schedule = toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0, epochs=args.epochs)
-        plain = create_model(args.model, img_size=args.img_size)
-        if not (0 <= args.toe_layer < len(plain.blocks)):
-            raise ValueError(f"--toe-layer must be in [0, {len(plain.blocks) - 1}], got {args.toe_layer}")
+        plain = create_model(args.model, img_size=args.img_size, num_classes=1000)  # EVA-02 defaults to no head
+        depth = len(blocks_of(plain))
+        if not (0 <= args.toe_layer < depth):
+            raise ValueError(f"--toe-layer must be in [0, {depth - 1}], got {args.toe_layer}")
     except ValueError as err:
         print(f"bench_toe.py: error: {err}", file=sys.stderr)
         return 2

@@ -172,3 +172,23 @@ def test_bench_toe_times_every_configuration_interleaved(capsys):
     med = {name: statistics.median(v) for name, v in times.items()}
     weighted = (2 * med["stage 1"] + med["stage 2"] + med["stage 3"]) / 4
     assert result["practical_speedup"] == pytest.approx(med["baseline"] / weighted)
+
+
+def test_bench_toe_family_timm_eva_and_its_errors(capsys):
+    """--family timm-eva times EVA-02-tiny (rotary rows follow the kept tokens); --model and --family
+    together, or a model ToE refuses, end with one error line and exit 2."""
+    bench_toe = load_script("benchmarks/bench_toe.py")
+    code = bench_toe.main(["--family", "timm-eva", "--img-size", "56", "--batch-size", "2", "--reps", "1",
+                           "--warmup", "0", "--settle", "0", "--op-reps", "1", "--threads", "1", "--epochs", "4",
+                           "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["model"] == "eva02_tiny_patch14_224"
+    # 56 px, patch 14: 16 patches (+ CLS); keep 0.5 / 0.75 / 1.0 -> 8 / 12 / 16 patches
+    assert [s["tokens"] for s in result["stages"]] == [9, 13, 17]
+    with pytest.raises(SystemExit) as both:
+        bench_toe.main(["--family", "timm-eva", "--model", "deit_tiny_patch16_224"])
+    assert both.value.code == 2 and "not both" in capsys.readouterr().err
+    assert bench_toe.main(["--model", "test_vit_relpos", "--img-size", "32"]) == 2
+    assert "error: ToE cannot patch VisionTransformerRelPos" in capsys.readouterr().err

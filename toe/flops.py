@@ -7,7 +7,10 @@ The paper measures the forward pass of one image with ``thop`` and reports
 averaged over the epochs of the stage schedule. thop's count is in multiply-accumulates (MACs); the paper
 calls that number "FLOPs", and so does this module. Only what thop has a rule for is counted: ``nn.Linear``,
 convolutions and normalisation layers; the attention products (``F.scaled_dot_product_attention`` or
-``q @ k``), GELU and the ToE selection op itself are functional and count zero, exactly as in the paper.
+``q @ k``), GELU and the ToE selection op itself are functional and count zero, exactly as in the paper. For the same
+reason the position terms of the EVA / ViT-RoPE and BEiT families (``toe.families``) count zero: rotating q
+and k by the rotary table, adding a relative-position bias, building those tables, and gathering them for the
+kept tokens. Which blocks and how many prefix tokens a model has is its family's answer.
 
 Table 4 trains with EfficientTrain's curriculum (``toe.curriculum``): the input size changes by phase, and
 phases interleave with ToE's stages. Each epoch then costs the count of its (input size, stage) pair, and
@@ -46,6 +49,7 @@ import torch
 from torch import nn
 
 from .curriculum import Curriculum
+from .families import resolve
 from .patch import unwrap_model
 
 __all__ = ["forward_macs", "gflops_per_iteration", "macs_to_gflops", "create_model", "import_model_modules",
@@ -238,8 +242,9 @@ def gflops_per_iteration(model: ModelLike, schedule: Any = None, *, layer: int =
     ``dynamic_img_size=True``, which a model name gets automatically here).
 
     Args:
-        model: a model (timm ViT, LV-ViT, or anything with ``blocks`` and ``num_prefix_tokens``), a timm
-            model name for :func:`create_model`, or a callable with no arguments returning a fresh model.
+        model: a model of a ToE family (``toe.families``: timm ViT, EVA / ViT-RoPE, BEiT, LV-ViT, ...), a
+            timm model name for :func:`create_model`, or a callable with no arguments returning a fresh model.
+            Without a schedule, any model with ``blocks`` can be counted.
         schedule: a ``toe.Schedule`` (r0, r1, ng, k); None counts the full-token model only.
         layer: index of the block whose input ToE reduces (1 = the paper's default).
         batch_size: images per iteration (the paper's 1024; 4096 in Table 4).
@@ -303,6 +308,18 @@ def _private_model(model: ModelLike, img_size: Optional[Union[int, Sequence[int]
     return work, cfg.get("architecture", type(work).__name__)
 
 
+def _blocks_and_prefix(work: nn.Module, name: str, needs_toe: bool) -> Tuple[Sequence[nn.Module], int]:
+    """The blocks and prefix-token count of ``work``, as its ToE family (``toe.families``) sees them. A model
+    of no family can still have its full-token count taken (``needs_toe`` False) when it has ``blocks``."""
+    try:
+        family = resolve(work)
+    except ValueError as err:
+        if needs_toe or getattr(work, "blocks", None) is None:
+            raise ValueError(f"{name}: cannot count ToE stages ({err})") from None
+        return work.blocks, int(getattr(work, "num_prefix_tokens", 0))
+    return family.blocks(work), family.num_prefix_tokens(work)
+
+
 def _count(work: nn.Module, name: str, x: torch.Tensor, layer: int, schedule: Any, epoch: Optional[int],
            resized: bool = False) -> Dict[str, Any]:
     """Profile ``work`` on ``x`` at ``epoch`` (ToE at that epoch's stage; None: full tokens) and check the
@@ -310,11 +327,11 @@ def _count(work: nn.Module, name: str, x: torch.Tensor, layer: int, schedule: An
     failure is reported as a model that cannot change its input size."""
     import toe
 
-    prefix = int(getattr(work, "num_prefix_tokens", 0))
+    blocks, prefix = _blocks_and_prefix(work, name, needs_toe=False)
     if epoch is not None:
         toe.set_epoch(work, epoch)
     try:
-        macs, entering, tokens = _profile(work, x, work.blocks[layer])
+        macs, entering, tokens = _profile(work, x, blocks[layer])
     except (RuntimeError, AssertionError) as err:
         if not resized:
             raise
@@ -338,9 +355,7 @@ def _gflops_per_iteration(work: nn.Module, name: str, schedule: Any, layer: int,
 
     if toe.is_applied(work):
         toe.remove(work)
-    blocks = getattr(work, "blocks", None)
-    if blocks is None:
-        raise ValueError(f"{name} has no `blocks`; cannot count ToE stages")
+    blocks, prefix = _blocks_and_prefix(work, name, needs_toe=schedule is not None)
     if int(layer) != layer or not (0 <= layer < len(blocks)):
         raise ValueError(f"layer must be in [0, {len(blocks) - 1}] for {name}, got {layer}")
     shape = input_shape(work, img_size)
@@ -350,7 +365,7 @@ def _gflops_per_iteration(work: nn.Module, name: str, schedule: Any, layer: int,
     base = _count(work, name, x, layer, None, None)
     result: Dict[str, Any] = {
         "model": name, "img_size": [shape[1], shape[2]], "batch_size": int(batch_size), "layer": int(layer),
-        "num_prefix_tokens": int(getattr(work, "num_prefix_tokens", 0)), "num_patches": base["num_patches"],
+        "num_prefix_tokens": prefix, "num_patches": base["num_patches"],
         "baseline": {"tokens": base["tokens"], "macs": base["macs"],
                      "gflops": macs_to_gflops(base["macs"], batch_size)},
         "stages": [], "segments": [], "schedule": None, "curriculum": None,

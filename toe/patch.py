@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .families import Family, SideInputHook, resolve
+from .families.base import MethodOverride
 from .ops import check_options, token_expansion
 from .schedule import Schedule
 
@@ -157,6 +158,9 @@ def remove(model: nn.Module) -> nn.Module:
             if isinstance(hook, (ToEHook, SideInputHook)):
                 del module._forward_pre_hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key, value in list(vars(module).items()):
+            if isinstance(value, MethodOverride):
+                delattr(module, key)
     return model
 
 

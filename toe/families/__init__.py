@@ -11,11 +11,13 @@ from .hf_clip import HFCLIPVision, HFSiglipVision
 from .hf_deit import HFDeiT
 from .hf_dinov2 import HFDinov2, HFDinov2WithRegisters
 from .hf_vit import HFViT
+from .timm_beit import TimmBeit
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 from .torchvision_vit import TorchvisionViT
 
-FAMILIES: List[Family] = [TimmViT(), TorchvisionViT(), HFViT(), HFDeiT(), HFDinov2(), HFDinov2WithRegisters(),
-                          HFCLIPVision(), HFSiglipVision()]
+FAMILIES: List[Family] = [TimmEva(), TimmBeit(), TimmViT(), TorchvisionViT(), HFViT(), HFDeiT(), HFDinov2(),
+                          HFDinov2WithRegisters(), HFCLIPVision(), HFSiglipVision()]
 
 __all__ = ["FAMILIES", "Family", "SideInputHook", "resolve", "supported"]
 

@@ -85,3 +85,32 @@ def has_int(model: nn.Module, attribute: str) -> bool:
     """Whether ``model.<attribute>`` is a plain int (not a bool, not a module)."""
     value = getattr(model, attribute, None)
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class MethodOverride:
+    """Base of the per-instance method overrides a family installs where no hook can reach (a quantity an
+    attention module computes from its own buffers, such as BEiT's relative-position bias).
+
+    Stored as an instance attribute of ``module`` under ``name``, it shadows the class's method; it holds
+    the module and the ToE state as plain attributes, so ``copy.deepcopy`` gives a copy its own override
+    bound to the copied module and hook. :func:`toe.remove` deletes it, which restores the class method.
+    """
+
+    def __init__(self, state: Any, module: nn.Module, name: str) -> None:
+        self.state = state
+        self.module = module
+        self.name = name
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        """The shadowed method of the module's class, called on the module."""
+        return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+
+    def install(self) -> "MethodOverride":
+        object.__setattr__(self.module, self.name, self)
+        return self
+
+
+def is_class(model: nn.Module, module_name: str, class_name: str) -> bool:
+    """Whether ``model`` is an instance of class ``module_name.class_name`` or of a subclass, checked by
+    name so that the package defining it is never imported here."""
+    return any(c.__module__ == module_name and c.__name__ == class_name for c in type(model).__mro__)
