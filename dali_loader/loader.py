@@ -23,7 +23,7 @@ import torch
 
 import datasets
 from dali_loader import pipeline as dali_pipeline
-from errors import DataError
+from runtime.errors import DataError
 
 
 def _read(path: str) -> np.ndarray:

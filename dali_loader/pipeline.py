@@ -81,7 +81,7 @@ def _color_jitter(images, strength: float):
 def supported_policy(aug: Any) -> Optional[randaugment.RandAugmentPolicy]:
     """The RandAugment policy of ``aug`` (None without one); DataError for what the graph does not implement:
     3-Augment, --src, policies other than timm's increasing RandAugment."""
-    from errors import DataError
+    from runtime.errors import DataError
     import datasets
 
     if aug.three_augment or aug.simple_random_crop:
