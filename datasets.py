@@ -31,7 +31,7 @@ from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import InterpolationMode
 
-from errors import DataError
+from runtime.errors import DataError
 from augment import new_data_aug_generator, posterize_any_bits, simple_random_crop
 
 __all__ = [

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import distributed
-from progress import Progress
+from runtime import distributed
+from runtime.progress import Progress
 
 
 class NonFiniteLossError(RuntimeError):

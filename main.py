@@ -15,8 +15,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from builders import parse_key_values
-from errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, UsageError, fail
+from training.builders import parse_key_values
+from runtime.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, UsageError, fail
 
 __all__ = ["main", "get_args_parser", "parse_key_values", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_INTERRUPTED"]
 
@@ -296,14 +296,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple:
-    import errors
+    from runtime import errors
 
     return (errors.UsageError, errors.CheckpointError, errors.DataError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, check, run. Returns the process exit code."""
-    import interrupts
+    from runtime import interrupts
 
     with interrupts.stop_on_signals():
         try:
@@ -311,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import config
 
             cfg = config.from_args(args)  # flag-only checks run before torch is imported
-            import trainer
+            from training import trainer
 
             return trainer.run(cfg)
         except _user_error_types() as e:

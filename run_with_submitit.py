@@ -149,7 +149,7 @@ def slurm_parameters(args: argparse.Namespace, job_name: str) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import submitit
 
-    from errors import UsageError
+    from runtime.errors import UsageError
     from main import get_args_parser
 
     args, main_argv = parse_args(argv)

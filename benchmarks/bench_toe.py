@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's `toe`
 
-import steptime  # noqa: E402
+from runtime import steptime  # noqa: E402
 import toe  # noqa: E402
 from toe.families import resolve  # noqa: E402
 from toe.flops import create_model, gflops_per_iteration  # noqa: E402

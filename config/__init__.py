@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from errors import UsageError
+from runtime.errors import UsageError
 
 # flag -> (default, why it does nothing without --toe-r1); checked so a lone --toe-ng is not silently ignored
 _TOE_FLAG_DEFAULTS = {"toe_ng": 3, "toe_k": 2, "toe_r0": None, "toe_layer": 1, "toe_distance": "cosine",
@@ -312,8 +312,8 @@ def _curriculum(args: argparse.Namespace, patch_size: int):
 
 
 def _resolve(args: argparse.Namespace) -> Config:
-    import builders
-    import distributed
+    from training import builders
+    from runtime import distributed
     import utils
     from config import checks
 

@@ -10,7 +10,7 @@ import difflib
 import os
 from typing import Any
 
-from errors import UsageError
+from runtime.errors import UsageError
 
 _AT_LEAST_ONE = ("batch_size", "epochs", "grad_accum_steps", "input_size", "print_freq", "fake_size", "nb_classes",
                  "ra_reps", "prefetch_factor")
@@ -253,7 +253,7 @@ def check_flags(args: argparse.Namespace) -> None:
 def _build_on_meta(model_cfg: Any, num_classes: int, extra: dict):
     import torch
 
-    import builders
+    from training import builders
 
     try:
         with torch.device("meta"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, TypeVar
 
-from errors import UsageError
+from runtime.errors import UsageError
 
 T = TypeVar("T")
 
@@ -22,7 +22,7 @@ T = TypeVar("T")
 def decided_by_main(check: Callable[[], T], placement: Any) -> Optional[T]:
     """``check()`` on rank 0; its UsageError stops every rank with the same message. Returns its value on rank 0,
     None elsewhere."""
-    import distributed
+    from runtime import distributed
 
     value, problem = None, None
     if placement.is_main:
@@ -45,7 +45,7 @@ def check_early(cfg: Any, placement: Any) -> None:
     """The refusals that need neither the data nor the model: the output folder is held by a live run, or
     holds a run this start would replace; the training recipe's augmentation policy does not parse for the
     data backend (every curriculum phase's magnitude included). Raises UsageError / DataError."""
-    import rundir
+    from runtime import rundir
 
     if _writes_output(cfg):
         decided_by_main(lambda: rundir.probe(cfg.run.output_dir, cfg.run.resume, cfg.run.overwrite), placement)
@@ -64,9 +64,9 @@ def _check_policies(cfg: Any) -> None:
                            for e in cfg.curriculum.phase_starts()})
     for policy in policies:
         if cfg.data.backend == "dali":
-            from dali_loader.pipeline import supported_policy
+            from dali_loader.pipeline import check_augment
 
-            supported_policy(dataclasses.replace(aug, aa=policy))
+            check_augment(dataclasses.replace(aug, aa=policy))
         elif not aug.three_augment:
             datasets.build_train_transform(dataclasses.replace(aug, aa=policy))  # timm parses it on creation
 
@@ -75,7 +75,7 @@ def claim_output_dir(cfg: Any, placement: Any, resume_stamp: Optional[tuple]):
     """Rank 0 locks the output folder (moving an earlier run aside with --overwrite) after every check has
     passed; ``resume_stamp``: :func:`rundir.stamp` of the resumed checkpoint when it was read. Returns the lock
     (None on other ranks, or for a run that writes nothing)."""
-    import rundir
+    from runtime import rundir
 
     if not _writes_output(cfg):
         return None

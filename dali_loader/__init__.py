@@ -9,7 +9,7 @@ The submodules import DALI, so import them only after ``require_dali()``.
 """
 from __future__ import annotations
 
-from errors import DataError
+from runtime.errors import DataError
 
 INSTALL_HINT = "pip install -r requirements-dali.txt (package nvidia-dali-cuda120)"
 

@@ -95,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: --files, --input-size and --threads must be >= 1", file=sys.stderr)
         return 2
     from dali_loader import require_dali
-    from errors import DataError
+    from runtime.errors import DataError
 
     try:
         require_dali()

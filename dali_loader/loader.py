@@ -24,7 +24,7 @@ import torch
 
 import datasets
 from dali_loader import pipeline as dali_pipeline
-from errors import DataError
+from runtime.errors import DataError
 
 READER_THREAD_PREFIX = "dali-file-reader"  # the names of the threads that read the files
 

@@ -23,7 +23,7 @@ from nvidia.dali.auto_aug.core import select
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dali_loader import randaugment
-from errors import DataError
+from runtime.errors import DataError
 
 # --train-interpolation: timm's names (timm.data.transforms) that DALI's resize has a filter for; 'random' is
 # timm's per-sample choice between bilinear and bicubic (RandomResizedCropAndInterpolation)

@@ -25,7 +25,7 @@ from nvidia.dali.pipeline import do_not_convert
 import nvidia.dali.math as dmath
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 
-from errors import DataError
+from runtime.errors import DataError
 
 LEVEL_STEPS = 10  # magnitude bins per level unit: bin b is level b / LEVEL_STEPS
 IMAGENET_MEAN_RGB = (124, 116, 104)  # timm's RandAugment fill: round(IMAGENET_DEFAULT_MEAN * 255)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import builders
+from training import builders
 from report import paper_results
 from report.common import ROOT, warn
 from report.runargs import finetune_from, global_batch, toe_on, world_size

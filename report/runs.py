@@ -7,9 +7,9 @@ import os
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-import builders
-import runlog
-from errors import UsageError
+from training import builders
+from runtime import runlog
+from runtime.errors import UsageError
 from report import paper_results
 from report.common import WARNED, YOURS, InputError, flag_name, show_value, shown_path, shown_paths, warn
 from report.recipes import NOT_COMPARED, Reference, differences, references, run_recipe, same_value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import builders
+from training import builders
 from report.common import YOURS, flag_name, show_value, shown_path
 from report.recipes import NOT_COMPARED
 from report.runargs import global_batch

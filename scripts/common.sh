@@ -157,7 +157,7 @@ import os, runpy, sys, time, traceback
 queue = sys.argv[1]
 sys.path.insert(0, os.getcwd())
 import main  # noqa: E402  (the training entry, imported once)
-import runlog  # noqa: E402
+from runtime import runlog  # noqa: E402
 
 
 def last_value(argv, flag):
@@ -250,7 +250,7 @@ PY
 # rows such as a resume under changed flags do not count)
 run_complete() {
     [[ -f "$1/log.txt" ]] || return 1
-    (cd "$TOE_REPO" && "$PYTHON" -c 'import sys, runlog
+    (cd "$TOE_REPO" && "$PYTHON" -c 'import sys; from runtime import runlog
 rows = runlog.epoch_rows(sys.argv[1])
 sys.exit(0 if rows and rows[-1]["epoch"] >= int(sys.argv[2]) - 1 else 1)' "$1/log.txt" "$2")
 }

@@ -49,7 +49,7 @@ class UsageError(Exception):
 
 def model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     """--model-kwargs items -> timm.create_model keyword arguments (builders.parse_key_values)."""
-    from builders import parse_key_values
+    from training.builders import parse_key_values
 
     try:
         return parse_key_values(items)

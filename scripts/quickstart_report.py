@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import runlog  # noqa: E402
-from errors import EXIT_USAGE, CheckpointError, DataError, UsageError  # noqa: E402
+from runtime import runlog  # noqa: E402
+from runtime.errors import EXIT_USAGE, CheckpointError, DataError, UsageError  # noqa: E402
 
 RUNS = ("baseline", "toe")
 
@@ -76,9 +76,9 @@ def _step_configs(cfgs: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     the ToE run trained in, on a fixed random batch of the runs' size."""
     import torch
 
-    import builders
+    from training import builders
     import datasets
-    import steptime
+    from runtime import steptime
     import toe
 
     amp_dtypes = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -108,7 +108,7 @@ def step_times(cfgs: Dict[str, Any], reps: int, warmup: int, settle: int = 1) ->
     """Each run's training-step time in seconds ({'baseline': s, 'toe': s}) and how it was measured."""
     import torch
 
-    import steptime
+    from runtime import steptime
 
     device = torch.device(cfgs["baseline"].run.device)
     clock = "cpu" if device.type == "cpu" else "wall"

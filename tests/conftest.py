@@ -63,7 +63,7 @@ def one_thread():
 _HOOKED_MAIN = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import progress
+from runtime import progress
 _step = progress.Progress.step
 def step(self, *args, **kwargs):
     _step(self, *args, **kwargs)

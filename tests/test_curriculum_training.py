@@ -114,7 +114,7 @@ def test_resume_mid_curriculum_is_bitwise(curriculum_run, tmp_path):
 def test_curriculum_table_flag_and_bad_tables():
     from main import get_args_parser
     import config
-    from errors import UsageError
+    from runtime.errors import UsageError
 
     base = [a for a in CURRICULUM if a not in ("--curriculum", "efficienttrain")]
     args = get_args_parser().parse_args(base + ["--curriculum-table", "0:32:2,3:64:6"])

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 import engine
 import losses
-import checkpoint
-import finetune
-import runlog
+from runtime import checkpoint
+from training import finetune
+from runtime import runlog
 import utils
-from errors import CheckpointError
-from files import atomic_write
+from runtime.errors import CheckpointError
+from runtime.files import atomic_write
 
 from conftest import ROOT
 
@@ -264,7 +264,7 @@ def test_submitit_requeue_resumes_from_the_job_checkpoint(tmp_path, monkeypatch)
 def test_fused_and_foreach_adamw_step_like_the_loop(impl):
     """--opt-impl: torch's fused / foreach AdamW kernels give the per-parameter loop's step (CPU supports all
     three in torch >= 2.4); 'auto' picks fused on CUDA only."""
-    import builders
+    from training import builders
 
     assert builders.optimizer_impl_kwargs("adamw", "auto", "cuda") == {"fused": True}
     assert builders.optimizer_impl_kwargs("adamw", "auto", "cpu") == {}

@@ -25,7 +25,7 @@ def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, war
 @pytest.mark.parametrize("epochs,niter,warmup,start", [(300, 312, 20, 0.0), (10, 7, 3, 1e-6), (5, 1, 1, 0.0),
                                                         (6, 4, 0, 0.0), (4, 3, 2, 0.0)])
 def test_value_equals_the_official_schedule(epochs, niter, warmup, start):
-    from lr_schedule import warmup_cosine_value
+    from training.lr_schedule import warmup_cosine_value
 
     expected = official_cosine_scheduler(4e-3, 1e-6, epochs, niter, warmup, start)
     got = [warmup_cosine_value(t, 4e-3, 1e-6, warmup * niter, epochs * niter, start) for t in range(len(expected))]

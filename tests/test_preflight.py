@@ -139,7 +139,7 @@ def test_rerunning_a_finished_run_says_so_and_writes_nothing(finished, tmp_path)
 def test_a_checkpoint_replaced_before_the_lock_is_refused(tmp_path):
     """The resumed checkpoint is read before the folder is locked: one that another run rewrote in between is
     not continued from its stale copy (that would truncate the other run's newer log rows)."""
-    import rundir
+    from runtime import rundir
 
     folder = tmp_path / "run"
     folder.mkdir()

@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import pytest
 
-import runlog
+from runtime import runlog
 from conftest import TINY, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +44,8 @@ def test_step_times_rebuild_each_stage_and_weight_it_by_its_epochs(tmp_path, mon
     """4 epochs over ng = 3 stages: epochs 0-1 are stage 1, epoch 2 stage 2, epoch 3 stage 3 (Schedule:
     floor(3e/4) + 1), so ToE's step = (2 t1 + t2 + t3) / 4. Each timed configuration runs the model of
     its run: 64 patches + CLS reach the last block as 65 / 33 / 49 / 65 tokens (keep 0.5, 0.75, 1.0)."""
-    import builders
-    import steptime
+    from training import builders
+    from runtime import steptime
 
     _write_args(tmp_path / "baseline", RUN)
     _write_args(tmp_path / "toe", RUN + TOE)

@@ -61,7 +61,7 @@ def main_argv(words: List[str]) -> Tuple[str, List[str]]:
 
 def check_main_flags(kind: str, argv: List[str], where: str) -> None:
     import main
-    from errors import UsageError
+    from runtime.errors import UsageError
 
     if kind == "submitit":
         import run_with_submitit

@@ -440,7 +440,7 @@ def test_quickstart_one_epoch(tmp_path):
     res = _bash("quickstart", timeout=600, EPOCHS="1", FAKE_SIZE="32", BATCH="16", DEVICE="cpu",
                 OUT=str(tmp_path), QS_DATA="fake", OMP_NUM_THREADS="1", PATH=_path_without_python(tmp_path / "bin"))
     assert res.returncode == 0, res.stderr[-3000:]
-    import runlog
+    from runtime import runlog
 
     rows = {name: runlog.epoch_rows(str(tmp_path / name / "log.txt")) for name in ("baseline", "toe")}
     assert [(r["epoch"], r["toe_tokens"], r["num_patches"]) for r in rows["toe"]] == [(0, 32, 64)]
@@ -479,7 +479,7 @@ def smoke(tmp_path_factory):
 
 
 def _log(run: Path) -> List[dict]:
-    import runlog
+    from runtime import runlog
 
     return runlog.epoch_rows(str(run / "log.txt"))
 

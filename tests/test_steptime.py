@@ -8,7 +8,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-import steptime
+from runtime import steptime
 
 
 class FakeClock:

@@ -291,7 +291,7 @@ def test_gflops_come_from_toe_flops_and_say_so(summarize, tmp_path, capsys):
     import toe
     from toe import flops
 
-    import builders
+    from training import builders
 
     write_run(tmp_path / "vit_base", args_json(_tiny_vit(), 2), [10.0] * 6, gflops=999.0)
     write_run(tmp_path / "vit_toe", args_json(_tiny_vit(["--toe-r1", "0.5", "--toe-ng", "3"]), 2), [11.0] * 6,

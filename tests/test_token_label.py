@@ -20,7 +20,7 @@ import models  # noqa: F401
 import toe
 import token_label as tl
 from datasets import bad_images, skipped_images
-from errors import DataError
+from runtime.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,7 +22,7 @@ def _parse(extra):
 @pytest.mark.parametrize("sched,extra,loop", [("cosine", [], 310), ("cosine", ["--no-train-cooldown"], 300),
                                               ("step", [], 300)])
 def test_loop_length_is_timms_count(sched, extra, loop):
-    import builders
+    from training import builders
 
     cfg = _parse(["--epochs", "300", "--cooldown-epochs", "10", "--sched", sched, "--train-cooldown"] + extra)
     assert cfg.run.epochs == loop and cfg.run.schedule_epochs == 300

@@ -103,7 +103,7 @@ def test_local_rank_is_accepted(spelling, monkeypatch):
     """torch.distributed.launch passes --local_rank (older) or --local-rank; a world of one accepts either, and
     under a launcher without LOCAL_RANK the flag is this process' local rank."""
     import config
-    import distributed
+    from runtime import distributed
     import main
 
     cfg = config.from_args(main.get_args_parser().parse_args(SMALL + ["--epochs", "1", spelling, "0",
@@ -301,10 +301,10 @@ def test_resume_is_bitwise_with_random_seeds_and_no_merging(tmp_path):
 
 def _lvvit_model_and_batch(dense_loss: str):
     """The LV-ViT, its ToE patch and the token-label criterion exactly as main.py builds them from flags."""
-    import builders
+    from training import builders
     import config
     import main
-    import recipes
+    from training import recipes
 
     args = main.get_args_parser().parse_args(LVVIT + ["--epochs", "2", "--toe-r1", "0.5", "--toe-ng", "2",
                                                       "--toe-dense-loss", dense_loss, "--no-mix-token"])

@@ -16,7 +16,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from datasets import SafeImageFolder
-from errors import DataError
+from runtime.errors import DataError
 from token_label.augment import TokenLabelTransform
 from token_label.maps import LabelMapError, label_path_for, load_label_map
 

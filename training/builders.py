@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-from errors import UsageError
+from runtime.errors import UsageError
 
 
 def parse_key_values(items: Iterable[str], flag: str = "--model-kwargs") -> Dict[str, Any]:
@@ -69,7 +69,7 @@ def build_model(model_cfg: Any, toe_cfg: Any, num_classes: int, extra_kwargs: Ma
                 finetune_state: Optional[Dict[str, Any]] = None, distilled_training: bool = False):
     """The training model on CPU: created, fitted to --finetune weights, patched with ToE, and set up for
     gradient checkpointing / attention-only training. Returns (model, finetune report or None)."""
-    import finetune
+    from training import finetune
 
     model = create_model(model_cfg.name, num_classes, model_cfg.input_size, {**model_cfg.kwargs, **extra_kwargs},
                          drop_rate=model_cfg.drop, drop_path_rate=model_cfg.drop_path)
@@ -110,13 +110,13 @@ def num_patches(model) -> int:
 
 def build_teacher(distill_cfg: Any, num_classes: int, input_size: int, weights: Dict[str, Any], device):
     """The frozen distillation teacher on ``device``; CheckpointError when the weights do not fit."""
-    from errors import CheckpointError
+    from runtime.errors import CheckpointError
 
     teacher = create_model(distill_cfg.teacher_model, num_classes, input_size, dict(distill_cfg.teacher_kwargs))
     try:
         teacher.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        from checkpoint import describe_mismatch
+        from runtime.checkpoint import describe_mismatch
 
         why = describe_mismatch(weights, teacher.state_dict()) or str(e).splitlines()[0]
         raise CheckpointError(f"--teacher-path {distill_cfg.teacher_path} does not fit --teacher-model "
@@ -164,7 +164,7 @@ def build_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: i
     if not getattr(optim_cfg, "sched_on_updates", False):
         return _timm_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)[0]
     if optim_cfg.sched == "cosine":
-        import lr_schedule
+        from training import lr_schedule
 
         return lr_schedule.build_update_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed)
     scheduler = _timm_scheduler(optimizer, optim_cfg, epochs, updates_per_epoch, seed, step_on_epochs=False)[0]

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import datasets
 import losses
-from errors import UsageError
+from runtime.errors import UsageError
 
 
 class ClassificationRecipe:

@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from errors import CheckpointError
+from runtime.errors import CheckpointError
 
 
 def classifier_prefixes(model: torch.nn.Module) -> List[str]:

@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from errors import UsageError
+from runtime.errors import UsageError
 
 
 @dataclass(frozen=True)

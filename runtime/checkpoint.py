@@ -9,9 +9,9 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-import distributed
-from errors import CheckpointError
-from files import atomic_write
+from runtime import distributed
+from runtime.errors import CheckpointError
+from runtime.files import atomic_write
 
 
 def rng_state() -> Dict[str, Any]:

@@ -14,18 +14,18 @@ from typing import Any, Dict, Optional
 
 import torch
 
-import builders
-import checkpoint
-import distributed
+from training import builders
+from runtime import checkpoint
+from runtime import distributed
 import engine
-import interrupts
-import rundir
-import runflops
-import runlog
+from runtime import interrupts
+from runtime import rundir
+from runtime import runlog
+from training import runflops
 import samplers
 import utils
-from errors import EXIT_INTERRUPTED, EXIT_NONFINITE, CheckpointError, UsageError, fail
-from recipes import recipe_for
+from runtime.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, CheckpointError, UsageError, fail
+from training.recipes import recipe_for
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -481,7 +481,7 @@ class Trainer:
         self.ckpt_path = os.path.join(out, "checkpoint.pth") if out else ""
         if not out or not self.placement.is_main:
             return
-        from files import atomic_write_text
+        from runtime.files import atomic_write_text
 
         os.makedirs(out, exist_ok=True)
         atomic_write_text(os.path.join(out, "args.json"), json.dumps(self.cfg.flags, indent=1, sort_keys=True) + "\n")

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import List, Optional
 
-from errors import UsageError
+from runtime.errors import UsageError
 
 LOCK_FILE = ".lock"
 # everything a training run writes into its folder; --overwrite moves exactly these aside

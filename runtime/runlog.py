@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-from files import atomic_write_text
+from runtime.files import atomic_write_text
 
 # A row holding one of these keys is a notice, not an epoch's metrics.
 NOTICE_KEYS = ("resumed_with_changes",)
