@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from training import builders
+from training import builders, resume
 from runtime import checkpoint
 from runtime import distributed
 import engine
@@ -318,21 +318,17 @@ class Trainer:
 
     def _why_not_fitting(self, ckpt: Dict[str, Any]) -> str:
         """The saved run's architecture flags that differ from this run's, else the first mismatched keys."""
-        import config
-
         saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-        blocking, _ = config.changes_since(saved, self.cfg.flags)
-        changed = {k: v for k, v in blocking.items() if k in config.ARCHITECTURE_FLAGS}
+        blocking, _ = resume.changes_since(saved, self.cfg.flags)
+        changed = {k: v for k, v in blocking.items() if k in resume.ARCHITECTURE_FLAGS}
         if changed:
             return "changed since the checkpoint's run: " + "; ".join(_change_text(k, v) for k, v in changed.items())
         return checkpoint.describe_mismatch(checkpoint.model_weights(ckpt), self.plain_model.state_dict())
 
     def _check_changes(self) -> Dict[str, Any]:
         """Refuse a resume under another model or ToE setting; note allowed changes (epochs, lr, batch)."""
-        import config
-
         saved = self.resume_ckpt.get("args") if isinstance(self.resume_ckpt.get("args"), dict) else {}
-        blocking, noted = config.changes_since(saved, self.cfg.flags)
+        blocking, noted = resume.changes_since(saved, self.cfg.flags)
         text = "; ".join(_change_text(k, v) for k, v in {**blocking, **noted}.items())
         if blocking and not self.cfg.run.resume_changed_ok:
             raise UsageError(f"{self.cfg.run.resume} was trained with other settings: {text}; resume with "
