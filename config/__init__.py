@@ -78,7 +78,7 @@ class OptimConfig:
     lr_noise: Any
     lr_noise_pct: float
     lr_noise_std: float
-    sched_on_updates: bool = False  # step per optimizer update (lr_schedule.py)
+    sched_on_updates: bool = False  # step per optimizer update (training/lr_schedule.py)
 
 
 @dataclass(frozen=True)
