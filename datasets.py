@@ -1,288 +1,45 @@
-"""Data sets and transforms for DeiT-style training.
+"""Data sets for DeiT-style training: the entry DeiT users know (build_dataset, build_transform), the CIFAR,
+iNaturalist and synthetic FAKE sets, and the factory.
 
 Public API (plain values only):
 
-- ``AugmentConfig`` and ``build_transform(is_train, aug)`` -> callable: PIL image -> float tensor [3, S, S].
+- ``AugmentConfig`` and ``build_transform(is_train, aug)`` -> callable: PIL image -> float tensor [3, S, S]
+  (defined in augment.py, with every transform of the PIL path).
 - ``DataSpec`` and ``build_dataset(is_train, spec, transform)`` -> (dataset, nb_classes).
 - ``DataError``: one-line error for bad data input (missing/empty path, missing CIFAR files, unknown set,
   corrupt image). The training entry turns it into exit code 2.
 - ``skipped_images(dataset)`` / ``bad_images(dataset)``: images replaced because they could not be decoded
-  (``DataSpec.skip_bad_images``), counted across DataLoader worker processes.
+  (``DataSpec.skip_bad_images``), counted across DataLoader worker processes (defined in image_files.py, with
+  ``SafeImageFolder``).
 """
 from __future__ import annotations
 
 import colorsys
-import copy
 import json
-import multiprocessing as mp
 import os
 import pickle
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
-from timm.data import create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import ConcatDataset, Dataset, Subset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision import datasets as tvd
-from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
-from torchvision.transforms import InterpolationMode
 
+from augment import (DEFAULT_AA, AugmentConfig, aa_with_magnitude, auto_augment_policy,  # noqa: F401  (the entry)
+                     build_eval_transform, build_train_transform, build_transform)
+from image_files import (_DECODE_ERRORS, CorruptImageError, SafeImageFolder, _image_folder,  # noqa: F401
+                         _load_rgb, _SkipBadImages, bad_images, skipped_images)
 from runtime.errors import DataError
-from augment import new_data_aug_generator, posterize_any_bits, simple_random_crop
 
 __all__ = [
     "DataError", "CorruptImageError", "DATA_SETS", "build_transform", "build_dataset", "skipped_images",
     "bad_images", "FakeDataset", "SafeImageFolder", "INatDataset", "load_cifar",
 ]
 
-DEFAULT_AA = "rand-m9-mstd0.5-inc1"  # DeiT's --aa default
 DATA_SETS = ("IMNET", "CIFAR10", "CIFAR100", "INAT18", "INAT19", "FOLDER", "FAKE")
-
-
-class CorruptImageError(DataError):
-    """An image file that cannot be read or decoded; the message names the file."""
-
-
-# ------------------------------------------------------------------------------------------- transforms
-@dataclass(frozen=True)
-class AugmentConfig:
-    """The augmentation recipe (DeiT's flags): every field is required, so the command line's defaults are
-    the only defaults. ``aa`` None or 'none' disables RandAugment; ``eval_crop_ratio`` is the share of the
-    resized short side kept by the eval centre crop."""
-
-    input_size: int
-    aa: Optional[str]
-    color_jitter: float
-    train_interpolation: str
-    reprob: float
-    remode: str
-    recount: int
-    three_augment: bool
-    simple_random_crop: bool
-    eval_crop_ratio: float
-
-    def with_train_stage(self, input_size: int, aa: Optional[str]) -> "AugmentConfig":
-        """The same recipe at another training size and RandAugment policy (curriculum phases)."""
-        return replace(self, input_size=int(input_size), aa=aa)
-
-
-def _interp(name: str) -> InterpolationMode:
-    name = (name or "bicubic").lower()
-    if name == "random":  # timm's 'random' picks per call; for a fixed resize use bicubic
-        name = "bicubic"
-    try:
-        return InterpolationMode(name)
-    except ValueError:
-        return InterpolationMode.BICUBIC
-
-
-def _patch_posterize(tf: Any) -> None:
-    """Swap the posterize function inside timm RandAugment / AutoAugment / AugMix ops (see above)."""
-    for t in getattr(tf, "transforms", [tf]):
-        ops = list(getattr(t, "ops", []) or [])
-        for sub in getattr(t, "policy", []) or []:
-            ops.extend(sub)
-        for op in ops:
-            if str(getattr(op, "name", "")).startswith("Posterize") and hasattr(op, "aug_fn"):
-                op.aug_fn = posterize_any_bits
-
-
-def auto_augment_policy(aa: Optional[str]) -> Optional[str]:
-    """The --aa policy string, or None when it is empty or 'none'."""
-    if aa is None or aa.strip().lower() in ("", "none"):
-        return None
-    return aa
-
-
-def aa_with_magnitude(aa: Optional[str], magnitude: int) -> str:
-    """A RandAugment policy string at another magnitude: 'rand-m9-mstd0.5-inc1', 3 -> 'rand-m3-mstd0.5-inc1'.
-    A policy without an m field gains one; no policy at all means DeiT's default one at ``magnitude``."""
-    policy = auto_augment_policy(aa) or DEFAULT_AA
-    parts = policy.split("-")
-    if parts[0] != "rand":
-        raise DataError(f"a curriculum sets the RandAugment magnitude, so --aa must be a rand-... policy, got '{aa}'")
-    kept = [p for p in parts[1:] if not (p.startswith("m") and p[1:].isdigit())]
-    return "-".join(["rand", f"m{int(magnitude)}"] + kept)
-
-
-def build_train_transform(aug: AugmentConfig) -> Callable:
-    """DeiT training transform: PIL image -> normalised float tensor [3, S, S], S = ``aug.input_size``.
-
-    timm ``create_transform`` (RandAugment, colour jitter, random erasing); for S <= 32 the random resized
-    crop becomes resize + 4 px padded random crop; ``simple_random_crop`` swaps in DeiT III's simple crop;
-    ``three_augment`` returns DeiT III's 3-Augment.
-    """
-    size = int(aug.input_size)
-    if aug.three_augment:
-        return new_data_aug_generator(size, aug.simple_random_crop, aug.color_jitter)
-    aa = auto_augment_policy(aug.aa)
-    if aug.remode.lower() not in ("pixel", "rand", "const"):
-        raise DataError(f"--remode must be pixel, rand or const, got '{aug.remode}'")
-    try:
-        tf = create_transform(input_size=size, is_training=True, color_jitter=aug.color_jitter, auto_augment=aa,
-                              interpolation=aug.train_interpolation, re_prob=float(aug.reprob),
-                              re_mode=aug.remode, re_count=int(aug.recount))
-    except (AssertionError, KeyError, ValueError) as e:  # timm validates with asserts / dict lookups
-        raise DataError(f"bad augmentation setting (--aa '{aa}', --train-interpolation "
-                        f"'{aug.train_interpolation}'): {type(e).__name__}: {e}") from None
-    _patch_posterize(tf)
-    if size <= 32:
-        # a resized crop of a 32 px image keeps too little of it; pad-and-crop is the CIFAR standard
-        tf.transforms[0] = T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC),
-                                      T.RandomCrop(size, padding=4)])
-    elif aug.simple_random_crop:
-        tf.transforms[0] = simple_random_crop(size, _interp(aug.train_interpolation))
-    return tf
-
-
-def build_eval_transform(input_size: int, eval_crop_ratio: float) -> Callable:
-    """Resize the short side to int(S / eval_crop_ratio), centre-crop S, normalise; for S <= 32 the image
-    is resized to S directly (no margin to crop away at CIFAR scale)."""
-    size = int(input_size)
-    bicubic = InterpolationMode.BICUBIC
-    resize_to = size if size <= 32 else int(size / float(eval_crop_ratio))
-    return T.Compose([T.Resize(resize_to, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-
-
-def build_transform(is_train: bool, aug: AugmentConfig) -> Callable:
-    """The train or eval transform of ``aug``."""
-    return build_train_transform(aug) if is_train else build_eval_transform(aug.input_size, aug.eval_crop_ratio)
-
-
-# ------------------------------------------------------------------------------ robust image loading
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def _load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image (``convert`` forces decoding, so truncated files fail here)."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
-
-
-class _SkipBadImages:
-    """Mixin: decode errors either raise CorruptImageError(path) or, with skipping on, are replaced.
-
-    The concrete class provides ``__len__``, ``_sample_path(i) -> str`` and ``_load_sample(i) -> (PIL, int)``.
-
-    The replacement for a bad sample i is the next readable sample i+1, i+2, ... (mod n), so it is the
-    same in every run. The counters live in shared memory created in the constructing (main) process, so
-    increments made in forked or spawned DataLoader workers are visible to ``skipped_images``.
-    """
-
-    _SLOTS = 257  # counter slots: main process + DataLoader workers (ids wrap around beyond that)
-
-    def _init_skipping(self, skip: bool, n: int) -> None:
-        self.skip_bad_images = bool(skip)
-        # Lock-free shared memory (a lock made under 'fork' cannot go to 'spawn' workers): each process
-        # adds to its own slot, so there is no read-modify-write race; the total is the sum.
-        self._skip_counter = mp.RawArray("q", self._SLOTS) if skip else None
-        # one flag per sample: which files were found bad (for reporting their paths); writes are idempotent
-        self._bad_flags = mp.RawArray("b", max(n, 1)) if skip else None
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        # mmap-backed counters cannot be copied; a copy shares them (same files, same tally)
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            setattr(new, k, v if k in ("_skip_counter", "_bad_flags") else copy.deepcopy(v, memo))
-        return new
-
-    def _get_checked(self, index: int) -> tuple[Image.Image, int]:
-        n = len(self)  # type: ignore[arg-type]
-        for step in range(n):
-            i = (index + step) % n
-            try:
-                return self._load_sample(i)
-            except _DECODE_ERRORS as e:
-                path = self._sample_path(i)
-                if not self.skip_bad_images:
-                    raise CorruptImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-                info = get_worker_info()
-                slot = 0 if info is None else 1 + info.id % (self._SLOTS - 1)
-                self._skip_counter[slot] += 1
-                self._bad_flags[i] = 1
-        raise DataError(f"no readable image in data set ({n} files tried)")
-
-
-def skipped_images(dataset: Any) -> int:
-    """How many times a bad image has been replaced so far (all processes; 0 when skipping is off)."""
-    if isinstance(dataset, ConcatDataset):
-        return sum(skipped_images(d) for d in dataset.datasets)
-    if isinstance(dataset, Subset):
-        return skipped_images(dataset.dataset)
-    counter = getattr(dataset, "_skip_counter", None)
-    return int(sum(counter)) if counter is not None else 0
-
-
-def bad_images(dataset: Any) -> list[str]:
-    """Paths of the distinct files found unreadable so far (all processes; empty when skipping is off)."""
-    if isinstance(dataset, ConcatDataset):
-        return [p for d in dataset.datasets for p in bad_images(d)]
-    if isinstance(dataset, Subset):
-        return bad_images(dataset.dataset)
-    flags = getattr(dataset, "_bad_flags", None)
-    if flags is None:
-        return []
-    return [dataset._sample_path(i) for i in range(len(dataset)) if flags[i]]
-
-
-# ---------------------------------------------------------------------------------------- ImageFolder
-class SafeImageFolder(_SkipBadImages, tvd.ImageFolder):
-    """torchvision ImageFolder with file-naming decode errors, optional skipping, and a fixed class list.
-
-    ``class_root``: folder whose sub-folders define the classes (normally ``<data>/train``), so that a
-    val/ tree with a missing class folder still gets the training label indices.
-    """
-
-    def __init__(self, root: str, transform: Optional[Callable] = None, class_root: Optional[str] = None,
-                 skip_bad_images: bool = False) -> None:
-        self._class_root = class_root
-        # a val/ tree may lack some training classes: those are simply absent, not an error
-        allow_empty = bool(class_root) and os.path.abspath(class_root) != os.path.abspath(root)
-        super().__init__(root, transform=transform, loader=_load_rgb, allow_empty=allow_empty)
-        self._init_skipping(skip_bad_images, len(self.samples))
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes, _ = super().find_classes(self._class_root or directory)
-        if self._class_root and os.path.abspath(self._class_root) != os.path.abspath(directory):
-            extra = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name not in classes)
-            if extra:
-                raise DataError(f"{directory} has class folders not in {self._class_root}: {', '.join(extra[:5])}")
-        return classes, {c: i for i, c in enumerate(classes)}
-
-    def _sample_path(self, index: int) -> str:
-        return self.samples[index][0]
-
-    def _load_sample(self, index: int) -> tuple[Image.Image, int]:
-        path, target = self.samples[index]
-        return self.loader(path), target
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img, target = self._get_checked(index)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
-
-
-def _image_folder(split_dir: str, transform: Callable, class_root: Optional[str], skip: bool) -> SafeImageFolder:
-    if not os.path.isdir(split_dir):
-        raise DataError(f"data folder not found: {split_dir}")
-    # the class list is read from class_root first: when it is empty, that is the folder to name
-    if class_root and not any(entry.is_dir() for entry in os.scandir(class_root)):
-        raise DataError(f"empty image folder {class_root} (expected <class>/<image> inside)")
-    try:
-        ds = SafeImageFolder(split_dir, transform=transform, class_root=class_root, skip_bad_images=skip)
-    except FileNotFoundError as e:  # torchvision: no class folder / no valid image file
-        raise DataError(f"empty image folder {split_dir} (expected <class>/<image> inside): {e}") from None
-    if len(ds) == 0:
-        raise DataError(f"empty image folder {split_dir} (expected <class>/<image> inside)")
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR

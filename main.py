@@ -4,8 +4,8 @@
     torchrun --nproc_per_node 4 main.py ... --batch-size 256
 
 This file holds the flag list (DeiT's names and defaults, plus --toe-*) and the exit codes. The flags
-become an immutable ``config.Config`` (config.py), the pieces are built by builders.py / recipes.py, and
-trainer.py runs the epochs. Bad input: one ``error: ...`` line on stderr, exit 2. A non-finite loss: one
+become an immutable ``config.Config`` (config/), the pieces are built by training/builders.py / recipes.py, and
+training/trainer.py runs the epochs. Bad input: one ``error: ...`` line on stderr, exit 2. A non-finite loss: one
 line naming the epoch, the iteration and the checkpoint to resume from, exit 3. Ctrl-C or SIGTERM: one
 ``interrupted at ...`` line saying how to resume, exit 130.
 """

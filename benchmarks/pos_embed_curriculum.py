@@ -1,4 +1,4 @@
-"""How the curriculum's position embeddings end up under three handlings (README: Fidelity, Table 4).
+"""How the curriculum's position embeddings end up under three handlings (docs/fidelity.md, Table 4).
 
   fourier   this repository's default: one full-size pos_embed, resampled (timm's dynamic_img_size, bicubic) to
             each phase's grid on every forward; the loader yields full-size images, frequency_crop shrinks them

@@ -78,7 +78,7 @@ class OptimConfig:
     lr_noise: Any
     lr_noise_pct: float
     lr_noise_std: float
-    sched_on_updates: bool = False  # step per optimizer update (lr_schedule.py)
+    sched_on_updates: bool = False  # step per optimizer update (training/lr_schedule.py)
 
 
 @dataclass(frozen=True)
@@ -350,25 +350,3 @@ def _resolve(args: argparse.Namespace) -> Config:
                  toe_stage_epochs=list(stage_epochs) if stage_epochs else None)
     return Config(model, toe_cfg, optim, data, distill, token_label, run, _curriculum(args, patch), flags)
 
-
-# ------------------------------------------------------------------------------------ resume changes
-# flags whose change makes a resumed run a different experiment; it stops unless --resume-changed-ok
-BLOCKING_CHANGES = ("model", "model_kwargs", "patch_size", "input_size", "toe_r1", "toe_ng", "toe_k", "toe_r0",
-                    "toe_layer", "toe_distance", "toe_init", "toe_no_expand", "toe_no_merge", "toe_epochs",
-                    "toe_stage_epochs", "toe_sparse_eval", "toe_compat", "curriculum", "curriculum_table",
-                    "curriculum_downsample", "sched_on_updates")
-# the flags that shape the weights: a checkpoint of another value of one of them cannot load
-ARCHITECTURE_FLAGS = ("model", "model_kwargs", "patch_size", "input_size")
-# flags that may change (a longer schedule, another batch), with a notice in the output and in log.txt
-NOTED_CHANGES = ("epochs", "lr", "batch_size", "grad_accum_steps", "global_batch", "unscale_lr",
-                 "curriculum_batch_scale", "train_cooldown", "data_backend")
-
-
-def changes_since(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(blocking, noted) flag changes between a checkpoint's flags and this run's: {flag: [old, new]}.
-    Flags the checkpoint did not record are not compared."""
-    def diff(names):
-        return {name: [saved[name], current.get(name)] for name in names
-                if name in saved and saved[name] != current.get(name)}
-
-    return diff(BLOCKING_CHANGES), diff(NOTED_CHANGES)

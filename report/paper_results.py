@@ -1,5 +1,5 @@
 """The ToE paper's tables (Huang et al., CVPR 2024) as summarize.py needs them: which runs each row holds,
-next to the numbers the paper prints. The one source for summarize.py and README.md ("Reproducing the paper").
+next to the numbers the paper prints. The one source for summarize.py and docs/reproducing.md.
 
 The printed numbers themselves live in ``toe/paper.py`` (``toe.paper.TABLES``, shared with
 ``python -m toe.flops --paper-tables``); this module only arranges them. Each table lists rows. A row says

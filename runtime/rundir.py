@@ -5,7 +5,7 @@ Before a training run writes anything, rank 0 takes an exclusive ``fcntl.flock``
 when the holder dies, so a killed run never blocks the next one. Holding the lock, it refuses a fresh start over an
 earlier run (a checkpoint or a non-empty log.txt), unless ``--overwrite`` asked for one: then the earlier
 run's files are moved into ``<output_dir>/old-<time>/``, never deleted. The lock is taken only after every
-check of the command has passed (config/preflight.py), so a refused command moves nothing; :func:`probe`
+check of the command has passed (training/preflight.py), so a refused command moves nothing; :func:`probe`
 gives the lock's refusals early, without taking it.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ usage: python scripts/quickstart_report.py OUT [--reps 7] [--warmup 1] [--settle
 
 Epoch img/s on a shared machine swing by tens of percent from run to run, so the speed ratio is taken from
 step times instead: each run's training step (model, ToE schedule, batch, optimizer and AMP rebuilt from
-its args.json) is timed in this one process, the baseline's and ToE's steps interleaved (steptime.py):
+its args.json) is timed in this one process, the baseline's and ToE's steps interleaved (runtime/steptime.py):
 on CPU the process's CPU time with one thread, on CUDA the synchronised wall time; the median of --reps
 steps after --warmup untimed rounds. ToE's step time is the mean, over the epochs it trained, of the median
 step of the stage each epoch ran in (every epoch has the same number of steps).

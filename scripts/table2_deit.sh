@@ -6,7 +6,7 @@
 #           epochs, RandAugment, mixup/cutmix, random erasing, repeated augmentation, drop path 0.1.
 #   ToE:    r1 (0.5, or 0.4 for DeiT-base's extra row), r0 = r1/2, Ng = 3 stages, k = 2, after block 1.
 #           The r1 = 0.5 rows: the paper's equations (--toe-compat none; with r0 = r1/2 the official code's
-#           selection is the same, see README). The DeiT-base r1 = 0.4 row was published from the official
+#           selection is the same, see docs/fidelity.md). The DeiT-base r1 = 0.4 row was published from the official
 #           ToE code, so it runs as that code does by default (--toe-compat official, into
 #           deit_base_toe_r1_0.4_official); TOE_COMPAT=none trains it with the paper's equations instead
 #           (into deit_base_toe_r1_0.4). Either way 7 runs.

@@ -9,7 +9,7 @@
 #           recalled offline, not verified): images upsampled to 224 px, SGD momentum 0.9, lr 0.01 at
 #           global batch 768 given as is (--unscale-lr), weight decay 1e-4, 1000 epochs with cosine decay
 #           and 5 warm-up epochs (lr: the official code would scale a given --lr 0.01 by 768/512 to 0.015; we
-#           read 0.01 as the rate trained with, CIFAR_LR=0.015 gives the other reading; README: Fidelity),
+#           read 0.01 as the rate trained with, CIFAR_LR=0.015 gives the other reading; docs/fidelity.md),
 #           DeiT's ImageNet augmentation (RandAugment, mixup/cutmix, repeated
 #           augmentation, label smoothing) but, as DeiT's transfer recipe does, no random erasing and no
 #           stochastic depth (--reprob 0 --drop-path 0). The new head is initialised fresh (--finetune drops

@@ -559,10 +559,10 @@ def test_bench_data_compares_the_backends(dali, real_image_set, capsys):
 
 
 def test_backend_change_on_resume_is_noted_not_refused():
-    """pil and dali apply the same recipe with slightly different ops (README): resuming under the other
+    """pil and dali apply the same recipe with slightly different ops (docs/dali.md): resuming under the other
     backend continues, with the change in the notice and log.txt's resumed_with_changes row."""
-    import config
+    from training import resume
 
-    blocking, noted = config.changes_since({"data_backend": "pil", "model": "m"}, {"data_backend": "dali",
+    blocking, noted = resume.changes_since({"data_backend": "pil", "model": "m"}, {"data_backend": "dali",
                                                                                   "model": "m"})
     assert blocking == {} and noted == {"data_backend": ["pil", "dali"]}

@@ -1,4 +1,5 @@
-"""Data sets, transforms and bad-input handling (datasets.py, augment.py). All data is written by the tests."""
+"""Data sets, transforms and bad-input handling (datasets.py, augment.py, image_files.py). All data is written
+by the tests."""
 from __future__ import annotations
 
 import argparse

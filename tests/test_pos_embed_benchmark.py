@@ -1,5 +1,5 @@
 """benchmarks/pos_embed_curriculum.py: the official phase change (pos_embed and Adam moments upsampled
-bilinearly) and the smoothness figures the README quotes."""
+bilinearly) and the smoothness figures docs/fidelity.md quotes."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,9 @@
-"""The README's shell commands do not drift from the code: every ```bash block is read, and each
-``python main.py ...`` / ``torchrun ... main.py ...`` / ``python run_with_submitit.py ... -- ...`` command has its
-main.py flags parsed by main.get_args_parser(); each ``bash scripts/X.sh`` command is run with DRY_RUN=1 (it
-prints its commands and runs nothing), and the main.py commands it prints are parsed too. Written against
-whatever README.md holds: nothing here names a particular command."""
+"""The shell commands of README.md and of the docs/*.md pages do not drift from the code: every ```bash block is
+read, and each ``python main.py ...`` / ``torchrun ... main.py ...`` / ``python run_with_submitit.py ... -- ...``
+command has its main.py flags parsed by main.get_args_parser(); each ``bash scripts/X.sh`` command is run with
+DRY_RUN=1 (it prints its commands and runs nothing), and the main.py commands it prints are parsed too. Their
+links point to files and headings that exist, and README links every docs page. Written against whatever the
+pages hold: nothing here names a particular command."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,8 @@ import pytest
 from conftest import ROOT, child_env
 
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README] + DOCS  # every command in them runs from the repository root
 _VAR = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -73,9 +76,16 @@ def check_main_flags(kind: str, argv: List[str], where: str) -> None:
         pytest.fail(f"{where}: main.py rejects the flags: {e}\n  {shlex.join(argv)}")
 
 
+def page_commands(page: Path) -> List[Tuple[dict, List[str], str]]:
+    """(env, words, 'PAGE: command') of every command in the page's shell blocks."""
+    text = page.read_text(encoding="utf-8")
+    name = page.relative_to(ROOT)
+    return [(*split_command(c), f"{name}: {c}") for block in bash_blocks(text) for c in commands(block)]
+
+
 def readme_commands() -> List[Tuple[dict, List[str], str]]:
-    text = README.read_text(encoding="utf-8")
-    return [(*split_command(c), c) for block in bash_blocks(text) for c in commands(block)]
+    """The commands of README.md and of every docs/*.md page."""
+    return [found for page in PAGES for found in page_commands(page)]
 
 
 def script_of(words: List[str]) -> str:
@@ -95,7 +105,7 @@ def handles_dry_run(script: Path) -> bool:
 
 
 def test_readme_has_commands():
-    found = readme_commands()
+    found = page_commands(README)
     assert any(main_argv(words)[0] for _, words, _ in found) or any(script_of(w) for _, w, _ in found), \
         "README.md has no main.py or scripts/*.sh command in a ```bash block"
 
@@ -104,17 +114,17 @@ def test_readme_main_commands_parse():
     for _, words, original in readme_commands():
         kind, argv = main_argv(words)
         if kind:
-            check_main_flags(kind, argv, f"README: {original}")
+            check_main_flags(kind, argv, original)
 
 
 def test_readme_files_exist():
-    """Every script, requirements file or python file a README command names is in the repository."""
+    """Every script, requirements file or python file a README or docs command names is in the repository."""
     for _, words, original in readme_commands():
         paths = [w for w in words if re.fullmatch(r"[\w./-]+\.(?:py|sh|txt)", w) and not w.startswith("/")]
         if words[:2] == ["pip", "install"] and "-r" in words:
             paths.append(words[words.index("-r") + 1])
         for path in paths:
-            assert (ROOT / path).is_file(), f"README names {path}, which does not exist: {original}"
+            assert (ROOT / path).is_file(), f"{path} does not exist: {original}"
 
 
 def _readme_scripts() -> List[Tuple[dict, str, str]]:
@@ -125,7 +135,7 @@ def test_readme_script_commands_dry_run(tmp_path):
     checked = 0
     for env, script, original in _readme_scripts():
         path = ROOT / script
-        assert path.is_file(), f"README runs {script}, which does not exist"
+        assert path.is_file(), f"{original}: {script} does not exist"
         if not handles_dry_run(path):
             continue  # reported by test_readme_scripts_support_dry_run
         run_env = child_env()
@@ -155,6 +165,47 @@ def test_readme_scripts_support_dry_run():
     missing = sorted({script for _, script, _ in _readme_scripts()
                       if (ROOT / script).is_file() and not handles_dry_run(ROOT / script)})
     assert not missing, f"README runs {missing}, which ignore DRY_RUN=1 (they would really run)"
+
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set:
+    """GitHub's anchors of a page's headings: lower case, punctuation but '-' and '_' dropped, spaces -> '-'."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a '# comment' in a code block is no heading
+    titles = re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", t.strip().lower()).replace(" ", "-") for t in titles}
+
+
+def links(page: Path) -> List[str]:
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return [t for t in _LINK.findall(text) if not re.match(r"[a-z]+:", t)]  # not http(s):, mailto:
+
+
+def test_links_point_to_files_and_headings_that_exist():
+    for page in PAGES + [ROOT / "benchmarks" / "README.md"]:
+        for target in links(page):
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.relative_to(ROOT)} links {target}: {path} does not exist"
+            if anchor and dest.suffix == ".md":
+                assert anchor in heading_anchors(dest.read_text(encoding="utf-8")), \
+                    f"{page.relative_to(ROOT)} links {target}: no such heading in {dest.name}"
+
+
+def test_readme_links_every_docs_page():
+    assert DOCS, "docs/ has no page"
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(README)}
+    missing = [p.name for p in DOCS if p.resolve() not in linked]
+    assert not missing, f"README.md does not link {missing}"
+
+
+def test_the_link_checks_catch_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# A page: `--flag x`\n\n```bash\n# not a heading\n```\n[ok](#a-page---flag-x) [bad](#not-a-heading) "
+                    "[web](https://example.com) [file](gone.md)\n")
+    assert heading_anchors(page.read_text()) == {"a-page---flag-x"}
+    assert links(page) == ["#a-page---flag-x", "#not-a-heading", "gone.md"]
 
 
 def test_the_checks_catch_a_drifted_command():

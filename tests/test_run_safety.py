@@ -84,6 +84,18 @@ def test_no_import_circle_among_the_repository_modules():
             visit(module, [])
 
 
+def test_packages_import_only_downwards():
+    """toe/ <- runtime/ <- DeiT's modules <- training/ <- config/ <- main.py: no package imports one above it."""
+    graph = _repository_imports()
+    assert graph["toe"] == set()  # the library knows nothing of the repository
+    assert graph["runtime"] <= {"toe"}, graph["runtime"]
+    deit = {"engine", "datasets", "augment", "image_files", "samplers", "losses", "utils"}
+    for module in deit:
+        assert not graph[module] & {"training", "config", "main", "report"}, (module, graph[module])
+    assert not graph["training"] & {"config", "main", "report"}, graph["training"]
+    assert not graph["config"] & {"main", "report"}, graph["config"]
+
+
 # ------------------------------------------------------------------------------- earlier run / --overwrite
 def test_fresh_start_over_an_earlier_run_stops_and_overwrite_moves_it_aside(tmp_path):
     out = tmp_path / "run"
@@ -381,5 +393,5 @@ def test_train_input_size_is_logged_without_a_curriculum_as_the_readme_says(tmp_
     assert code == 0, err
     (row,) = read_log(out / "log.txt")
     assert row["train_input_size"] == 32 and "aa_magnitude" not in row
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "outputs.md").read_text()
     assert "`train_input_size` (every run" in readme

@@ -319,7 +319,7 @@ def test_gflops_fall_back_to_the_log_only_for_uncountable_models(summarize, tmp_
     cell = _cells(js)["yours"]["cnn"]
     assert cell["gflops_source"] == "log" and math.isclose(cell["gflops"], 1.25)
     assert "1.25e0 [log]" in _line(res["out"], "cnn  ")
-    assert "has no `blocks`" in res["err"] and res["err"].count("\n") == 1
+    assert "ToE cannot patch ResNet" in res["err"] and res["err"].count("\n") == 1
     # a failure of toe.flops itself is not hidden behind the logged number
     from toe import flops
 

@@ -217,21 +217,22 @@ def test_runs_moved_aside_by_overwrite_are_not_extra_runs(tmp_path):
 
 
 def _readme_between(start: str, end: str) -> str:
-    text = " ".join((ROOT / "README.md").read_text().split())
+    text = " ".join((ROOT / "docs" / "reproducing.md").read_text().split())
     return text[text.index(start):text.index(end, text.index(start))]
 
 
 def test_readme_names_what_is_compared_and_what_marks_a_run_mixed():
     """The backend changes pixels: --data-backend is compared, and a resume that changes it is a mixture. The
-    README's lists are the code's: every flag not compared, and every changed flag that marks a resumed run."""
-    import config
+    README's lists (docs/reproducing.md) are the code's: every flag not compared, and every changed flag that
+    marks a resumed run."""
     from report import common, recipes, runs
+    from training import resume
 
     assert "data_backend" not in recipes.NOT_COMPARED
-    assert "`--data-backend` is compared" in " ".join((ROOT / "README.md").read_text().split())
+    assert "`--data-backend` is compared" in " ".join((ROOT / "docs" / "reproducing.md").read_text().split())
     not_compared = _readme_between("Not compared, as they cannot change", "A run resumed under changed flags")
     assert [f for f in sorted(recipes.NOT_COMPARED) if f"`{common.flag_name(f)}`" not in not_compared] == []
-    marking = [flag for flag in config.NOTED_CHANGES
+    marking = [flag for flag in resume.NOTED_CHANGES
                if runs.resumed_changes([{"resumed_with_changes": {flag: [1, 2]}, "epoch": 3}])]
     assert "data_backend" in marking and "epochs" in marking and "batch_size" not in marking
     mixed = _readme_between("A run resumed under changed flags", "Such a run never fills")

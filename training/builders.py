@@ -158,7 +158,7 @@ def build_optimizer(model, optim_cfg: Any, device_type: str):
 
 
 def build_scheduler(optimizer, optim_cfg: Any, epochs: int, updates_per_epoch: int, seed: int):
-    """timm's scheduler stepped once per epoch with ``step(epoch + 1)`` (see README: fidelity), or, with
+    """timm's scheduler stepped once per epoch with ``step(epoch + 1)`` (see docs/fidelity.md), or, with
     ``sched_on_updates``, one stepped after every optimizer update: lr_schedule's warm-up cosine for
     ``--sched cosine`` (EfficientTrain's curve), else timm's own with updates as its time axis."""
     if not getattr(optim_cfg, "sched_on_updates", False):

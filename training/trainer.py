@@ -1,31 +1,29 @@
 """Run a Config: build the pieces and resume (every check, before the output folder is claimed; see
-config/preflight.py), then train epoch by epoch (or only evaluate / time).
+training/preflight.py), then train epoch by epoch (or only evaluate / time).
 
-After every epoch the log row is appended to log.txt first and the checkpoint written second (both
-atomically); a kill between the two re-runs that epoch on resume, and the resume truncates the log, so
-every epoch is logged once and a resumed run continues bitwise as if never stopped.
+The loop is Trainer.fit; each job it relies on is an object of its own: the curriculum plan
+(training.curriculum_plan), the data (training.loaders), the model and its wrappers (training.run_model), the
+resume check (training.resume), evaluation (training.evaluation) and the run record (training.record: the log
+row first, the checkpoint second, so a resumed run continues bitwise as if never stopped).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from training import builders
-from runtime import checkpoint
-from runtime import distributed
 import engine
-from runtime import interrupts
-from runtime import rundir
-from runtime import runlog
-from training import runflops
-import samplers
 import utils
-from runtime.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, CheckpointError, UsageError, fail
+from runtime import checkpoint, distributed, interrupts, rundir
+from runtime.errors import EXIT_INTERRUPTED, UsageError, fail
+from training import builders, evaluation, record, resume, runflops
+from training.curriculum_plan import CurriculumPlan
+from training.loaders import TrainData, build_eval_loader
 from training.recipes import recipe_for
+from training.run_model import RunModel
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -37,9 +35,9 @@ def run(cfg: Any) -> int:
                           cfg.run.device.startswith("cuda") else cfg.run.device)
     lock, trainer = None, None
     try:
-        from config import preflight
+        from training import preflight
 
-        # every check first (config/preflight.py): a refused command prints one line and creates or moves nothing
+        # every check first (training/preflight.py): a refused command prints one line and creates or moves nothing
         preflight.check_early(cfg, placement)
         trainer = Trainer(cfg, placement, device)
         code, finished = 0, trainer.prepare()
@@ -83,333 +81,71 @@ def _interrupted(cfg: Any, trainer: Optional["Trainer"], claimed: bool) -> int:
     return fail(f"interrupted {where}; {hint}", EXIT_INTERRUPTED, prefix="")
 
 
-class _CountedLoader:
-    """A data loader that counts the batches it has handed out in the current pass (for the stop line)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader, self.handed_out = loader, 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        self.handed_out = 0
-        for batch in self.loader:
-            self.handed_out += 1
-            yield batch
-
-
 class Trainer:
-    """The run's objects (model, EMA, data, optimizer, ...) and the steps that use them."""
+    """The training loop (fit) over the run's parts, plus the --eval and --throughput modes."""
 
     def __init__(self, cfg: Any, placement: distributed.Placement, device: torch.device) -> None:
         self.cfg, self.placement, self.device = cfg, placement, device
         self.amp_dtype = _AMP_DTYPES[cfg.run.amp]
         self.recipe = recipe_for(cfg)
-        self.startup_lines: list = []  # printed by announce(), once every check has passed
+        self.plan = CurriculumPlan(cfg.curriculum, cfg.model.input_size, cfg.data.aug, cfg.run.grad_accum_steps,
+                                   cfg.run.curriculum_batch_scale)
+        self.toe_on = cfg.toe is not None
+        self.startup_lines: List[str] = []  # printed by announce(), once every check has passed
         self.resume_stamp = rundir.stamp(cfg.run.resume) if cfg.run.resume else None
-        self.resume_ckpt = checkpoint.read(cfg.run.resume) if cfg.run.resume else None
-        if self.resume_ckpt is not None and "model" not in self.resume_ckpt and not cfg.run.eval_only:
-            raise CheckpointError(f"cannot resume from {cfg.run.resume}: it has no 'model' entry "
-                                  f"(use --finetune for bare weights)")
+        self.resume_ckpt = resume.read_resume(cfg.run.resume, cfg.run.eval_only)
         finetune = checkpoint.read(cfg.model.finetune) if cfg.model.finetune else None
         teacher_weights = checkpoint.read(cfg.distill.teacher_path) if cfg.distill.kind != "none" else None
         utils.seed_everything(cfg.run.seed)  # the same initial weights on every rank
-        self.num_classes = cfg.data.spec.fake_classes
-        self.val_loader = None
+        self.num_classes, val_loader = cfg.data.spec.fake_classes, None
         if not cfg.run.throughput:
-            self._build_eval_data()
-        self._build_model(None if finetune is None else checkpoint.model_weights(finetune))
+            _, self.num_classes, val_loader = build_eval_loader(cfg.data, cfg.model.input_size, placement, device)
+        self.evaluator = evaluation.Evaluator(val_loader, device, self.amp_dtype,
+                                              placement.distributed and cfg.data.dist_eval, cfg.model.compile)
+        self.net = self._build_model(None if finetune is None else checkpoint.model_weights(finetune))
         self.teacher = None if teacher_weights is None else builders.build_teacher(
             cfg.distill, self.num_classes, cfg.model.input_size, checkpoint.model_weights(teacher_weights), device)
         self.start_epoch, self.max_accuracy = cfg.run.start_epoch, 0.0
         self.epoch_now: Optional[int] = None  # the epoch being trained, for the stop line
-        self.evaluating = False
 
-    # ----------------------------------------------------------------------------------------- building
-    def _build_eval_data(self) -> None:
-        import datasets
-
+    def _build_model(self, finetune_state: Optional[Dict[str, Any]]) -> RunModel:
         cfg = self.cfg
-        dali = cfg.data.backend == "dali"  # DALI reads the files itself: no PIL transform
-        transform = None if dali else datasets.build_eval_transform(cfg.model.input_size, cfg.data.aug.eval_crop_ratio)
-        self.val_set, self.num_classes = datasets.build_dataset(False, cfg.data.spec, transform)
-        if len(self.val_set) == 0:
-            raise UsageError(f"the validation split of {cfg.data.spec.name} is empty")
-        if cfg.data.dist_eval and self.placement.distributed:
-            sampler = samplers.DistributedEvalSampler(self.val_set, num_replicas=self.placement.world_size,
-                                                      rank=self.placement.rank)
-        else:
-            sampler = torch.utils.data.SequentialSampler(self.val_set)
-        if dali:
-            from dali_loader.loader import DaliEvalLoader
-
-            self.val_loader = DaliEvalLoader(self.val_set, sampler, cfg.model.input_size, cfg.data.aug.eval_crop_ratio,
-                                             int(1.5 * cfg.data.batch_size), cfg.data.num_workers, self.device)
-            return
-        self.val_loader = torch.utils.data.DataLoader(
-            self.val_set, sampler=sampler, batch_size=int(1.5 * cfg.data.batch_size), **self._loader_options())
-
-    def _loader_options(self) -> Dict[str, Any]:
-        data = self.cfg.data
-        options: Dict[str, Any] = {"num_workers": data.num_workers,
-                                   "pin_memory": data.pin_memory and self.device.type == "cuda"}
-        if data.num_workers > 0:
-            options.update(prefetch_factor=data.prefetch_factor, persistent_workers=data.persistent_workers)
-        return options
-
-    def _model_extra_kwargs(self) -> Dict[str, Any]:
         extra = dict(self.recipe.model_kwargs())
-        if self.cfg.curriculum is not None:
+        if cfg.curriculum is not None:
             extra["dynamic_img_size"] = True  # timm interpolates pos_embed to each phase's input size
-        return extra
-
-    def _build_model(self, finetune_state: Optional[Dict[str, Any]]) -> None:
-        cfg = self.cfg
-        model, report = builders.build_model(cfg.model, cfg.toe, self.num_classes, self._model_extra_kwargs(),
-                                             finetune_state, distilled_training=cfg.distill.kind != "none")
+        model, report = builders.build_model(cfg.model, cfg.toe, self.num_classes, extra, finetune_state,
+                                             distilled_training=cfg.distill.kind != "none")
         if report is not None:
             self.startup_lines.append(f"fine-tuning from {cfg.model.finetune}: re-initialised "
                                       f"{report['dropped'] or 'no classifier'}"
                                       f"{'; pos_embed resampled' if report['resampled'] else ''}")
-        self.num_patches = builders.num_patches(model)
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", 16)
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
         self.gflops: runflops.Table = {}
         if not (cfg.run.eval_only or cfg.run.throughput):
             self.gflops, line = runflops.gflops_table(model, cfg)  # on CPU, before the move
             self.startup_lines.append(line)
-        self.plain_model = model.to(self.device)
-        self.model_ema = builders.build_ema(model, cfg.model)
-        self.ema_device = torch.device("cpu") if cfg.model.ema_on_cpu else self.device
-        self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.startup_lines.append(f"model {cfg.model.name}: {self.n_parameters} trainable parameters, "
-                                  f"{self.num_patches} patches")
-        self.model = torch.compile(model, backend=cfg.model.compile_backend) if cfg.model.compile else model
-        if self.placement.distributed:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        net = RunModel(model, cfg.model, self.placement.distributed, self.device)
+        self.startup_lines.append(f"model {cfg.model.name}: {net.n_parameters} trainable parameters, "
+                                  f"{net.num_patches} patches")
+        return net
 
     def _build_training(self) -> None:
         cfg = self.cfg
-        world, rank = self.placement.world_size, self.placement.rank
-        self.loader_phase = None
-        self.train_set = self.recipe.train_dataset(self._phase_augment(self.start_epoch), self.num_classes,
-                                                   cfg.run.seed)
-        if cfg.data.repeated_aug:
-            self.sampler = samplers.RASampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
-                                              num_repeats=cfg.data.ra_reps, seed=cfg.run.seed)
-        elif self.placement.distributed:
-            self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=world, rank=rank,
-                                                               shuffle=True, seed=cfg.run.seed)
-        else:  # draws from torch's global generator, which every epoch seeds from (seed, rank, epoch)
-            self.sampler = torch.utils.data.RandomSampler(self.train_set)
-        self.loader_generator = torch.Generator()  # worker seeds, re-seeded every epoch
-        self._make_train_loader(self.start_epoch)
-        if len(self.train_loader) == 0:
-            raise UsageError(f"the training set ({len(self.train_set)} images over {world} processes) is smaller "
-                             f"than one batch of {cfg.data.batch_size}")
+        self.data = TrainData(self.recipe, self.plan, cfg.data, self.num_classes, cfg.run.seed, self.placement,
+                              self.device, self.start_epoch)
         self.mixup_fn = builders.build_mixup(cfg.data.mixup, cfg.data.smoothing, self.num_classes) \
             if self.recipe.uses_mixup else None
         self.criterion = self.recipe.criterion(self.teacher, self.mixup_fn is not None)
-        self.optimizer = builders.build_optimizer(self.plain_model, cfg.optim, self.device.type)
+        self.optimizer = builders.build_optimizer(self.net.plain, cfg.optim, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        # the engine's optimizer updates per epoch at the unscaled micro-batch (the last group may be shorter)
-        micro_batches = len(self.sampler) // cfg.data.batch_size
-        self.updates_per_epoch = max(-(-micro_batches // cfg.run.grad_accum_steps), 1)
+        self.updates_per_epoch = self.data.updates_per_epoch(cfg.run.grad_accum_steps)
         self.lr_scheduler = builders.build_scheduler(self.optimizer, cfg.optim,
                                                      cfg.run.schedule_epochs or cfg.run.epochs,
                                                      self.updates_per_epoch, cfg.run.seed)
 
-    def _phase_augment(self, epoch: int):
-        import datasets
-
-        aug, curriculum = self.cfg.data.aug, self.cfg.curriculum
-        if curriculum is None:
-            return aug
-        # fourier: the loader augments at the final size; the device crops to the phase size (_downsample)
-        size = self.cfg.model.input_size if curriculum.downsample == "fourier" else curriculum.input_size(epoch)
-        return aug.with_train_stage(size,
-                                    datasets.aa_with_magnitude(aug.aa, curriculum.magnitude(epoch)))
-
-    def _phase_size(self, epoch: int) -> int:
-        """The input size the model trains on at ``epoch``."""
-        curriculum = self.cfg.curriculum
-        return self.cfg.model.input_size if curriculum is None else curriculum.input_size(epoch)
-
-    def _downsample(self, epoch: int):
-        """The device-side reduction of a fourier curriculum's batches at ``epoch``, or None."""
-        size = self._phase_size(epoch)
-        if self.cfg.curriculum is None or self.cfg.curriculum.downsample != "fourier" or \
-                size == self.cfg.model.input_size:
-            return None
-        from functools import partial
-
-        from toe.curriculum import frequency_crop
-
-        return partial(frequency_crop, size=size)
-
-    def _update_hook(self, epoch: int):
-        """--sched-on-updates: set the lr of the epoch's first update, and return the engine's per-update step.
-        Indices restart from epoch x updates_per_epoch every epoch, so a resume, or a phase whose micro-batch
-        layout gives one update more or less, stays on the same curve."""
-        if not self.cfg.optim.sched_on_updates:
-            return None
-        first = epoch * self.updates_per_epoch
-        self.lr_scheduler.step_update(first)
-        return lambda done: self.lr_scheduler.step_update(first + done)
-
-    def _batch_scale(self, epoch: int) -> int:
-        """--curriculum-batch-scale: the factor f by which a low-resolution phase's micro-batch grows while
-        --grad-accum-steps shrinks by f (the global batch is unchanged). f is (final size / phase size)^2
-        rounded, as a phase's memory per image scales with its token count, and must divide the
-        accumulation steps (it is lowered to the largest divisor that fits). 1 without the option."""
-        if not self.cfg.run.curriculum_batch_scale or self.cfg.curriculum is None:
-            return 1
-        ratio = round((self.cfg.model.input_size / self.cfg.curriculum.input_size(epoch)) ** 2)
-        accum = self.cfg.run.grad_accum_steps
-        return max(f for f in range(1, accum + 1) if accum % f == 0 and f <= max(ratio, 1))
-
-    def _make_train_loader(self, epoch: int) -> None:
-        """(Re)build the training loader; with a curriculum only when ``epoch`` starts a new phase."""
-        phase = self.cfg.curriculum.phase(epoch) if self.cfg.curriculum is not None else 0
-        if phase == self.loader_phase:
-            return
-        if self.loader_phase is not None:
-            # same images, same length: the sampler's index stream is unaffected
-            self.train_set = self.recipe.train_dataset(self._phase_augment(epoch), self.num_classes,
-                                                       self.cfg.run.seed)
-        self.loader_phase = phase
-        if self.cfg.data.backend == "dali":
-            from dali_loader.loader import DaliTrainLoader
-
-            self.train_loader = _CountedLoader(DaliTrainLoader(
-                self.train_set, self.sampler, self._phase_augment(epoch), self.cfg.data.batch_size *
-                self._batch_scale(epoch), self.cfg.data.num_workers, self.device, self.loader_generator))
-            return
-        self.train_loader = _CountedLoader(torch.utils.data.DataLoader(
-            self.train_set, sampler=self.sampler, batch_size=self.cfg.data.batch_size * self._batch_scale(epoch),
-            drop_last=True,
-            worker_init_fn=utils.seed_worker, generator=self.loader_generator, **self._loader_options()))
-
-    # ------------------------------------------------------------------------------------------- resume
-    def _load_weights(self) -> None:
-        ckpt, path = self.resume_ckpt, self.cfg.run.resume
-        try:
-            self.plain_model.load_state_dict(checkpoint.model_weights(ckpt), strict=True)
-            if self.model_ema is not None:
-                if ckpt.get("model_ema") is not None:
-                    self.model_ema.module.load_state_dict(ckpt["model_ema"], strict=True)
-                else:
-                    self.model_ema.set(self.plain_model)
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path} does not fit model {self.cfg.model.name}: "
-                                  f"{self._why_not_fitting(ckpt) or str(e).splitlines()[0]}") from None
-
-    def _why_not_fitting(self, ckpt: Dict[str, Any]) -> str:
-        """The saved run's architecture flags that differ from this run's, else the first mismatched keys."""
-        import config
-
-        saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-        blocking, _ = config.changes_since(saved, self.cfg.flags)
-        changed = {k: v for k, v in blocking.items() if k in config.ARCHITECTURE_FLAGS}
-        if changed:
-            return "changed since the checkpoint's run: " + "; ".join(_change_text(k, v) for k, v in changed.items())
-        return checkpoint.describe_mismatch(checkpoint.model_weights(ckpt), self.plain_model.state_dict())
-
-    def _check_changes(self) -> Dict[str, Any]:
-        """Refuse a resume under another model or ToE setting; note allowed changes (epochs, lr, batch)."""
-        import config
-
-        saved = self.resume_ckpt.get("args") if isinstance(self.resume_ckpt.get("args"), dict) else {}
-        blocking, noted = config.changes_since(saved, self.cfg.flags)
-        text = "; ".join(_change_text(k, v) for k, v in {**blocking, **noted}.items())
-        if blocking and not self.cfg.run.resume_changed_ok:
-            raise UsageError(f"{self.cfg.run.resume} was trained with other settings: {text}; resume with "
-                             f"--resume-changed-ok to continue anyway, or use another --output_dir")
-        if blocking or noted:
-            self.startup_lines.append(f"notice: resuming with changed settings: {text}")
-        return {**blocking, **noted}
-
-    def _resume_training_state(self) -> None:
-        """Optimizer, scheduler, scaler and RNG from the checkpoint."""
-        ckpt, path = self.resume_ckpt, self.cfg.run.resume
-        if "optimizer" in ckpt and "epoch" in ckpt:
-            try:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-                if ckpt.get("lr_scheduler") is not None:
-                    self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-                if self.scaler is not None and ckpt.get("scaler") is not None:
-                    self.scaler.load_state_dict(ckpt["scaler"])
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise CheckpointError(f"checkpoint {path} does not fit these options (optimizer/scheduler): "
-                                      f"{e}") from None
-            if "rng" in ckpt:
-                checkpoint.restore_rng_state(ckpt["rng"])
-            self.start_epoch = int(ckpt["epoch"]) + 1
-            self.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
-        self.startup_lines.append(f"resumed from {path} (last finished epoch {ckpt.get('epoch', '?')})")
-
-    # ------------------------------------------------------------------------------- evaluation / timing
-    def _set_toe_epoch(self, epoch: int) -> None:
-        if self.cfg.toe is None:
-            return
-        import toe
-
-        toe.set_epoch(self.model, epoch)  # every rank derives the stage from the epoch: they agree
-        if self.model_ema is not None:
-            toe.set_epoch(self.model_ema.module, epoch)
-
-    def position(self) -> str:
-        """Where the run is now, e.g. 'at epoch 3, iteration 12/500'."""
-        if self.epoch_now is None:
-            return "before the first epoch started"
-        if self.evaluating:
-            return f"at epoch {self.epoch_now}, during its evaluation"
-        return f"at epoch {self.epoch_now}, iteration {self.train_loader.handed_out}/{len(self.train_loader)}"
-
-    def _evaluate(self, epoch_label: str) -> Dict[str, Any]:
-        self.evaluating = True
-        reduce = self.placement.distributed and self.cfg.data.dist_eval
-        stats = engine.evaluate(self.val_loader, self.model, self.device, self.amp_dtype,
-                                reduce_across_ranks=reduce, header=f"eval {epoch_label}",
-                                dynamic_batch=self.cfg.model.compile)
-        result = {"test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "test_loss": stats["loss"],
-                  "test_images": stats["n"]}
-        if self.model_ema is not None:
-            ema = engine.evaluate(self.val_loader, self.model_ema.module, self.ema_device, self.amp_dtype,
-                                  reduce_across_ranks=reduce, header=f"eval EMA {epoch_label}")
-            result["ema_test_acc1"] = ema["acc1"]
-        self.evaluating = False
-        return result
-
-    def evaluate_only(self) -> int:
-        ckpt = self.resume_ckpt
-        epoch = int(ckpt.get("epoch", 0)) if ckpt is not None else self.start_epoch
-        self._set_toe_epoch(epoch)
-        if ckpt is None or ckpt.get("model_ema") is None:
-            self.model_ema = None  # a fresh EMA copy would only repeat the model's numbers
-        result = self._evaluate(f"of epoch {epoch}")
-        result["n"] = result["test_images"]
-        print(json.dumps(result))
-        return 0
-
-    def throughput(self) -> int:
+    def _resume_check(self) -> resume.ResumeCheck:
         cfg = self.cfg
-        if self.resume_ckpt is not None and "epoch" in self.resume_ckpt:
-            # time the stage the resumed run is in: its next epoch
-            self.start_epoch = min(int(self.resume_ckpt["epoch"]) + 1, cfg.run.epochs - 1)
-        self._set_toe_epoch(self.start_epoch)
-        size = cfg.model.input_size
-        forward = engine.measure_throughput(self.model, self.device, cfg.data.batch_size, size, self.amp_dtype)
-        train = engine.measure_throughput(self.model, self.device, cfg.data.batch_size, size, self.amp_dtype,
-                                          train=True)
-        keep = cfg.toe.schedule.keep_rate(self.start_epoch) if cfg.toe is not None else 1.0
-        print(json.dumps({"model": cfg.model.name, "batch_size": cfg.data.batch_size, "input_size": size,
-                          "epoch": self.start_epoch, "eval_img_per_s": forward, "train_img_per_s": train,
-                          "toe_keep_rate": keep}))
-        return 0
+        return resume.ResumeCheck(self.resume_ckpt, cfg.run.resume, cfg.flags, cfg.run.resume_changed_ok,
+                                  cfg.model.name)
 
     # ------------------------------------------------------------------------------------------ training
     def prepare(self) -> str:
@@ -419,14 +155,18 @@ class Trainer:
         cfg, ckpt = self.cfg, self.resume_ckpt
         if cfg.run.eval_only or cfg.run.throughput:
             if ckpt is not None and (cfg.run.eval_only or "epoch" in ckpt):
-                self._load_weights()
+                self._resume_check().load_weights(self.net.plain, self.net.ema)
             return ""
         self._build_training()
         self.changes: Dict[str, Any] = {}
         if ckpt is not None:
-            self.changes = self._check_changes()  # the saved run's flags first: they name what changed
-            self._load_weights()
-            self._resume_training_state()
+            check = self._resume_check()
+            self.changes = check.check_changes()  # the saved run's flags first: they name what changed
+            check.load_weights(self.net.plain, self.net.ema)
+            resumed = check.load_training_state(self.optimizer, self.lr_scheduler, self.scaler)
+            if resumed is not None:
+                self.start_epoch, self.max_accuracy = resumed
+            self.startup_lines.extend(check.lines)
         if ckpt is None or self.start_epoch < cfg.run.epochs:
             return ""
         return rundir.finished_text(cfg.run.resume, self.start_epoch, cfg.run.epochs, self.max_accuracy)
@@ -442,144 +182,103 @@ class Trainer:
 
     def fit(self) -> int:
         cfg = self.cfg
-        self._open_outputs(self.changes)
+        self.record = record.RunRecord(cfg.run.output_dir, self.placement.is_main, cfg.flags)
+        self.record.open(self.start_epoch, (self.resume_ckpt or {}).get("log_row"), self.changes)
         print(f"training epochs {self.start_epoch}..{cfg.run.epochs - 1} ({cfg.run.epochs - self.start_epoch} to go)")
         started = time.time()
         for epoch in range(self.start_epoch, cfg.run.epochs):
             self._begin_epoch(epoch)
             try:
-                stats = engine.train_one_epoch(
-                    self.model, self.criterion, self.train_loader, self.optimizer, self.device, epoch,
-                    amp_dtype=self.amp_dtype, scaler=self.scaler, max_norm=cfg.optim.clip_grad,
-                    model_ema=self.model_ema, mixup_fn=self.mixup_fn,
-                    grad_accum_steps=cfg.run.grad_accum_steps // self._batch_scale(epoch),
-                    set_training_mode=cfg.run.train_mode, print_freq=cfg.run.print_freq,
-                    ema_source=self.plain_model, downsample=self._downsample(epoch),
-                    on_update=self._update_hook(epoch))
+                stats = self._train_epoch(epoch)
             except engine.NonFiniteLossError as e:
-                return self._non_finite(e)
-            tokens = self._measured_tokens(epoch)
-            evaluation = self._evaluate(f"after epoch {epoch}")
-            self.lr_scheduler.step(epoch + 1, evaluation["test_acc1"])
-            is_best = evaluation["test_acc1"] > self.max_accuracy
-            self.max_accuracy = max(self.max_accuracy, evaluation["test_acc1"])
-            row = self._log_row(epoch, stats, evaluation, tokens)
-            self._record(epoch, row, is_best)
+                return self.record.non_finite(e)
+            self._end_epoch(epoch, stats)
             distributed.barrier()  # no rank runs ahead of the checkpoint it may resume from
-        if self.writer is not None:
-            self.writer.close()
+        self.record.close()
         hours = (time.time() - started) / 3600
         trained = cfg.run.epochs - self.start_epoch
         print(f"done: {trained} epoch{'' if trained == 1 else 's'} in {hours:.3f} h; best top-1 "
               f"{self.max_accuracy:.2f}%")
         return 0
 
-    def _open_outputs(self, changes: Dict[str, Any]) -> None:
-        out = self.cfg.run.output_dir
-        self.writer = None
-        self.log_path = os.path.join(out, "log.txt") if out else ""
-        self.ckpt_path = os.path.join(out, "checkpoint.pth") if out else ""
-        if not out or not self.placement.is_main:
-            return
-        from runtime.files import atomic_write_text
-
-        os.makedirs(out, exist_ok=True)
-        atomic_write_text(os.path.join(out, "args.json"), json.dumps(self.cfg.flags, indent=1, sort_keys=True) + "\n")
-        runlog.truncate(self.log_path, self.start_epoch)
-        saved_row = (self.resume_ckpt or {}).get("log_row")
-        if isinstance(saved_row, dict) and not any(r.get("epoch") == saved_row.get("epoch")
-                                                   for r in runlog.epoch_rows(self.log_path)):
-            runlog.append(self.log_path, saved_row)  # the checkpoint's epoch line was lost in a crash
-        if changes:
-            runlog.append(self.log_path, {"resumed_with_changes": changes, "epoch": self.start_epoch})
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=os.path.join(out, "tb"), purge_step=self.start_epoch)
-
     def _begin_epoch(self, epoch: int) -> None:
         # an epoch's randomness depends only on (seed, rank, epoch): a resumed run reproduces it exactly
         seed = utils.epoch_seed(self.cfg.run.seed, self.placement.rank, epoch)
         utils.seed_everything(seed)
-        self.loader_generator.manual_seed(seed)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-        self._make_train_loader(epoch)
-        self._set_toe_epoch(epoch)
-        self.epoch_now, self.evaluating = epoch, False
+        self.data.start_epoch(epoch, seed)
+        self.net.set_toe_epoch(epoch, self.toe_on)
+        self.epoch_now = epoch
 
-    def _measured_tokens(self, epoch: int) -> int:
-        """Patch tokens after ToE in the last training forward (measured, not predicted)."""
-        size = self._phase_size(epoch)
-        patches = self.num_patches if size == self.cfg.model.input_size else (size // self.patch_size) ** 2
-        if self.cfg.toe is None:
-            return patches
-        import toe
-
-        index = toe.last_index(self.model)
-        return int(index.shape[1]) - self.num_prefix if index is not None else patches
-
-    def _log_row(self, epoch: int, stats: Dict[str, Any], evaluation: Dict[str, Any], tokens: int) -> Dict[str, Any]:
+    def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg = self.cfg
-        stage = cfg.toe.schedule.stage(epoch) if cfg.toe is not None else None
-        row: Dict[str, Any] = {
-            "train_loss": stats["loss"], "train_lr": stats["lr"], "toe_stage": stage,
-            "toe_keep_rate": cfg.toe.schedule.keep_rate(epoch) if cfg.toe is not None else 1.0,
-            "toe_tokens": tokens, "num_patches": self.num_patches, "train_input_size": self._phase_size(epoch),
-            "epoch_time": stats["epoch_time"], "train_img_per_s": stats["img_per_s"], **evaluation,
-            "max_accuracy": self.max_accuracy, "n_parameters": self.n_parameters,
-            "gflops_per_iter": runflops.at_epoch(self.gflops, cfg, epoch),
-            "epoch": epoch, "skipped_images": _skipped(self.train_set),
-        }
-        if cfg.curriculum is not None:
-            row["aa_magnitude"] = cfg.curriculum.magnitude(epoch)
-            row["micro_batch"] = cfg.data.batch_size * self._batch_scale(epoch)
-            row["grad_accum_steps"] = cfg.run.grad_accum_steps // self._batch_scale(epoch)
-        return row
+        return engine.train_one_epoch(
+            self.net.model, self.criterion, self.data.loader, self.optimizer, self.device, epoch,
+            amp_dtype=self.amp_dtype, scaler=self.scaler, max_norm=cfg.optim.clip_grad, model_ema=self.net.ema,
+            mixup_fn=self.mixup_fn, grad_accum_steps=self.plan.accum_steps(epoch),
+            set_training_mode=cfg.run.train_mode, print_freq=cfg.run.print_freq, ema_source=self.net.plain,
+            downsample=self.plan.downsample(epoch), on_update=self._update_hook(epoch))
 
-    def _record(self, epoch: int, row: Dict[str, Any], is_best: bool) -> None:
-        if not self.log_path or not self.placement.is_main:
-            return
-        runlog.append(self.log_path, row)  # the log line first, then the checkpoint (see module docstring)
-        state = checkpoint.training_state(
-            model=self.plain_model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.scaler,
-            model_ema=self.model_ema, epoch=epoch, config=self.cfg.flags, max_accuracy=self.max_accuracy,
-            log_row=row)
-        checkpoint.save(self.ckpt_path, state)
-        if is_best:
-            checkpoint.save(os.path.join(self.cfg.run.output_dir, "best_checkpoint.pth"), state)
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-                self.writer.add_scalar(_board_tag(key), value, epoch)
-        self.writer.flush()
+    def _update_hook(self, epoch: int):
+        """--sched-on-updates: set the lr of the epoch's first update, and return the engine's per-update step.
+        Indices restart from epoch x updates_per_epoch every epoch, so a resume, or a phase whose micro-batch
+        layout gives one update more or less, stays on the same curve."""
+        if not self.cfg.optim.sched_on_updates:
+            return None
+        first = epoch * self.updates_per_epoch
+        self.lr_scheduler.step_update(first)
+        return lambda done: self.lr_scheduler.step_update(first + done)
 
-    def _non_finite(self, e: "engine.NonFiniteLossError") -> int:
-        if self.ckpt_path and os.path.isfile(self.ckpt_path):
-            where = (f"resume from {self.ckpt_path} (last completed epoch {checkpoint.epoch_of(self.ckpt_path)}) "
-                     f"with --resume {self.ckpt_path}")
-        else:
-            where = "no checkpoint was written yet (restart from scratch)"
-        return fail(f"non-finite loss ({e.value}) at epoch {e.epoch}, iteration {e.iteration}/{e.total}; {where}, "
-                    f"e.g. with a lower --lr or --clip-grad", EXIT_NONFINITE)
+    def _end_epoch(self, epoch: int, stats: Dict[str, Any]) -> None:
+        """Measure, evaluate, step the schedule, then record the epoch (log row, checkpoint, scalars)."""
+        import datasets
 
+        cfg, size = self.cfg, self.plan.size(epoch)
+        tokens = self.net.measured_tokens(size, cfg.model.input_size, self.toe_on)
+        result = self.evaluator(self.net.model, self.net.ema, self.net.ema_device, f"after epoch {epoch}")
+        self.lr_scheduler.step(epoch + 1, result["test_acc1"])
+        is_best = result["test_acc1"] > self.max_accuracy
+        self.max_accuracy = max(self.max_accuracy, result["test_acc1"])
+        row = record.epoch_row(
+            epoch, stats, result, schedule=cfg.toe.schedule if self.toe_on else None, size=size, tokens=tokens,
+            num_patches=self.net.num_patches, gflops=runflops.at_epoch(self.gflops, cfg, epoch), max_accuracy=self.max_accuracy,
+            n_parameters=self.net.n_parameters, skipped_images=int(datasets.skipped_images(self.data.train_set)),
+            curriculum_fields=self.plan.log_fields(epoch, cfg.data.batch_size))
+        if self.record.writes:
+            state = checkpoint.training_state(
+                model=self.net.plain, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.scaler,
+                model_ema=self.net.ema, epoch=epoch, config=cfg.flags, max_accuracy=self.max_accuracy, log_row=row)
+            self.record.write(epoch, row, state, is_best)
 
-def _change_text(flag: str, values: Any) -> str:
-    """'--toe-r1 0.5 -> 0.6' for a changed flag [old, new]."""
-    old, new = values
+    def position(self) -> str:
+        """Where the run is now, e.g. 'at epoch 3, iteration 12/500'."""
+        if self.epoch_now is None:
+            return "before the first epoch started"
+        if self.evaluator.running:
+            return f"at epoch {self.epoch_now}, during its evaluation"
+        return f"at epoch {self.epoch_now}, iteration {self.data.loader.handed_out}/{len(self.data.loader)}"
 
-    def shown(v: Any) -> str:
-        return v if isinstance(v, str) else repr(v)
-    return f"--{flag.replace('_', '-')} {shown(old)} -> {shown(new)}"
+    # ------------------------------------------------------------------------------- evaluation / timing
+    def evaluate_only(self) -> int:
+        ckpt = self.resume_ckpt
+        epoch = int(ckpt.get("epoch", 0)) if ckpt is not None else self.start_epoch
+        self.net.set_toe_epoch(epoch, self.toe_on)
+        if ckpt is None or ckpt.get("model_ema") is None:
+            self.net.ema = None  # a fresh EMA copy would only repeat the model's numbers
+        result = self.evaluator(self.net.model, self.net.ema, self.net.ema_device, f"of epoch {epoch}")
+        result["n"] = result["test_images"]
+        print(json.dumps(result))
+        return 0
 
+    def throughput(self) -> int:
+        cfg = self.cfg
+        if self.resume_ckpt is not None and "epoch" in self.resume_ckpt:
+            # time the stage the resumed run is in: its next epoch (weights loaded by prepare)
+            self.start_epoch = min(int(self.resume_ckpt["epoch"]) + 1, cfg.run.epochs - 1)
+        self.net.set_toe_epoch(self.start_epoch, self.toe_on)
+        size = cfg.model.input_size
+        rates = evaluation.throughput(self.net.model, self.device, cfg.data.batch_size, size, self.amp_dtype)
+        keep = cfg.toe.schedule.keep_rate(self.start_epoch) if self.toe_on else 1.0
+        print(json.dumps({"model": cfg.model.name, "batch_size": cfg.data.batch_size, "input_size": size,
+                          "epoch": self.start_epoch, **rates, "toe_keep_rate": keep}))
+        return 0
 
-def _skipped(dataset: Any) -> int:
-    import datasets
-
-    return int(datasets.skipped_images(dataset))
-
-
-def _board_tag(key: str) -> str:
-    """log.txt key -> TensorBoard tag grouped by its prefix (train/, test/, ema/, toe/)."""
-    for prefix in ("train", "test", "ema", "toe"):
-        if key.startswith(prefix + "_"):
-            return f"{prefix}/{key[len(prefix) + 1:]}"
-    return "misc/" + key
