@@ -18,7 +18,9 @@ This is a benchmark that prints numbers, not a test. Example (the issue's target
     python benchmarks/bench_toe.py --model deit_tiny_patch16_224 --batch-size 32 --img-size 224 --threads 2
 
 ``--family`` times a family's default model instead of ``--model``'s (``timm``: DeiT-tiny; ``timm-eva``:
-EVA-02-tiny, rotary embeddings, 256 patches at 224 px). Blocks and prefix tokens come from ``toe.families``.
+EVA-02-tiny, rotary embeddings, 256 patches at 224 px; ``torchvision`` and ``transformers``: a DeiT-tiny-sized
+torchvision ``VisionTransformer`` and transformers ``ViTForImageClassification``, from benchmarks/families.py).
+Blocks and prefix tokens come from ``toe.families``.
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ from toe.families import resolve  # noqa: E402
 from toe.flops import create_model, gflops_per_iteration  # noqa: E402
 
 
-# --family -> the model it times by default
-FAMILY_MODELS = {"timm": "deit_tiny_patch16_224", "timm-eva": "eva02_tiny_patch14_224"}
+# --family -> the model it times by default (timm names, or benchmarks/families.py's for the other libraries)
+FAMILY_MODELS = {"timm": "deit_tiny_patch16_224", "timm-eva": "eva02_tiny_patch14_224",
+                 "torchvision": "torchvision_vit_tiny", "transformers": "hf_vit_tiny"}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -107,6 +110,16 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return steptime.timed(fn, device, CLOCK)
 
 
+def build_model(family: Optional[str], name: str, img_size: int) -> torch.nn.Module:
+    """The timed model: a timm model by name, or benchmarks/families.py's model of a non-timm family."""
+    if family in ("torchvision", "transformers"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import families
+
+        return dict((n, m) for n, m, _ in families.build(family, img_size))[name]
+    return create_model(name, img_size=img_size, num_classes=1000)  # EVA-02 defaults to no head
+
+
 def make_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool) -> Callable[[], None]:
     """One training iteration on a fixed batch: forward, cross-entropy, backward, AdamW step (steptime's);
     ``amp``: autocast in bfloat16 on CPU, float16 with a GradScaler on CUDA."""
@@ -116,7 +129,8 @@ def make_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def blocks_of(model: torch.nn.Module):
     """The model's blocks as its ToE family sees them (ValueError for a model ToE cannot patch)."""
-    return resolve(model).blocks(model)
+    inner = toe.unwrap_model(model)
+    return resolve(inner).blocks(inner)
 
 
 def block_input(model: torch.nn.Module, images: torch.Tensor, layer: int, amp: bool) -> torch.Tensor:
@@ -226,7 +240,7 @@ def _time_configs(args, configs: Dict[str, Callable[[], None]], device: torch.de
 def _measure_op(args, schedule, plain, images, med: Dict[str, float], device: torch.device):
     """The op alone on the real block-`layer` input, per reducing stage. Returns (input, rows)."""
     x = block_input(plain, images, args.toe_layer, args.amp)
-    prefix = resolve(plain).num_prefix_tokens(plain)
+    prefix = resolve(toe.unwrap_model(plain)).num_prefix_tokens(toe.unwrap_model(plain))
     op_rows = []
     for s in range(1, schedule.ng + 1):
         rates = schedule.rates(s)
@@ -309,11 +323,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     try:
         schedule = toe.Schedule(r1=args.toe_r1, ng=args.toe_ng, k=args.toe_k, r0=args.toe_r0, epochs=args.epochs)
-        plain = create_model(args.model, img_size=args.img_size, num_classes=1000)  # EVA-02 defaults to no head
+        plain = build_model(args.family, args.model, args.img_size)
         depth = len(blocks_of(plain))
         if not (0 <= args.toe_layer < depth):
             raise ValueError(f"--toe-layer must be in [0, {depth - 1}], got {args.toe_layer}")
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(f"bench_toe.py: error: {err}", file=sys.stderr)
         return 2
 

@@ -192,3 +192,24 @@ def test_bench_toe_family_timm_eva_and_its_errors(capsys):
     assert both.value.code == 2 and "not both" in capsys.readouterr().err
     assert bench_toe.main(["--model", "test_vit_relpos", "--img-size", "32"]) == 2
     assert "error: ToE cannot patch VisionTransformerRelPos" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,model", [("torchvision", "torchvision_vit_tiny"), ("transformers", "hf_vit_tiny")])
+def test_bench_toe_family_torchvision_and_transformers(capsys, family, model):
+    """--family torchvision / transformers time benchmarks/families.py's DeiT-tiny-sized model of that library,
+    with the token counts of the schedule and toe.flops' theoretical speed-up (the same count as timm's)."""
+    if family == "transformers":
+        from conftest import require_transformers
+
+        require_transformers()
+    bench_toe = load_script("benchmarks/bench_toe.py")
+    code = bench_toe.main(["--family", family, "--img-size", "64", "--batch-size", "2", "--reps", "1",
+                           "--warmup", "0", "--settle", "0", "--op-reps", "1", "--threads", "1", "--epochs", "3",
+                           "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["model"] == model
+    # 64 px, patch 16: 16 patches (+ CLS); keep 0.5 / 0.75 / 1.0 -> 8 / 12 / 16 patches
+    assert [s["tokens"] for s in result["stages"]] == [9, 13, 17]
+    assert result["stages"][0]["theoretical"] > 1.5

@@ -58,3 +58,24 @@ def test_models_toe_cannot_patch_are_counted_only_without_a_schedule():
         gflops_per_iteration(model, toe.Schedule(r1=0.5, ng=2, k=2, epochs=4))
     res = gflops_per_iteration(model, None, batch_size=1)
     assert res["baseline"]["tokens"] == 64 and res["stages"] == []
+
+
+def test_torchvision_vit_counts_like_the_same_timm_vit():
+    """torchvision's attention is an nn.MultiheadAttention whose q, k, v projection thop cannot see; toe.flops
+    counts its four projections, so a torchvision ViT counts exactly as the timm ViT of the same size, at
+    every ToE stage. The projections are 4 x width^2 MACs per token and block: a check by hand."""
+    import torchvision
+
+    width, depth, tokens = 32, 2, 64 + 1
+    schedule = toe.Schedule(r1=0.5, ng=2, k=2, epochs=4)
+    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=depth, num_heads=2,
+                                              hidden_dim=width, mlp_dim=2 * width, num_classes=10)
+    tm = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=depth, embed_dim=width,
+                           num_heads=2, mlp_ratio=2, num_classes=10, global_pool="token")
+    got = gflops_per_iteration(tv, schedule, layer=1, batch_size=1, img_size=32)
+    want = gflops_per_iteration(tm, schedule, layer=1, batch_size=1, img_size=32)
+    assert got["baseline"]["macs"] == want["baseline"]["macs"]
+    assert [s["macs"] for s in got["stages"]] == [s["macs"] for s in want["stages"]]
+    # plain thop sees none of the four (the module calls its projections functionally)
+    without_rule = _thop(tv, torch.randn(1, 3, 32, 32))
+    assert got["baseline"]["macs"] - without_rule == depth * 4 * tokens * width * width

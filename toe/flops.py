@@ -92,9 +92,22 @@ class _KeepMode(nn.Module):
         return self.model(x)
 
 
+def _multihead_attention_rule(module: nn.MultiheadAttention, inputs: tuple, output: Any) -> None:
+    """MACs of ``nn.MultiheadAttention``'s four projections (torchvision's ViT): what thop counts for timm's
+    ``qkv`` and ``proj`` Linear layers. thop has no rule for the module, and its in-projection is a functional
+    call, so without this the q, k, v projections would count zero. Attention products count zero, as for timm."""
+    query, key, value = inputs[:3]
+    width = module.embed_dim
+    tokens = query.numel() // query.shape[-1]
+    keys, values = key.numel() // key.shape[-1], value.numel() // value.shape[-1]
+    macs = tokens * width * width * 2 + keys * module.kdim * width + values * module.vdim * width
+    module.total_ops += torch.DoubleTensor([float(macs)])
+
+
 def _subclass_rules(model: nn.Module, register_hooks: Dict[type, Any]) -> Dict[type, Any]:
-    """thop rules for leaf module classes that derive from a class thop knows (e.g. timm's LayerNorm)."""
-    rules: Dict[type, Any] = {}
+    """thop rules for leaf module classes that derive from a class thop knows (e.g. timm's LayerNorm), and for
+    ``nn.MultiheadAttention`` (its out-projection child is counted by this rule, not separately)."""
+    rules: Dict[type, Any] = {nn.MultiheadAttention: _multihead_attention_rule}
     for module in model.modules():
         cls = type(module)
         if cls in register_hooks or cls in rules or next(module.children(), None) is not None:
