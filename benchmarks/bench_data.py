@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # backends.py beside this file
 
 import datasets  # noqa: E402
+import data_report  # noqa: E402
 
 PROG = "bench_data.py"
 DEIT_AA = "rand-m9-mstd0.5-inc1"
@@ -325,51 +326,6 @@ def measure_wins(dataset: Dataset, args: argparse.Namespace, mixup: Any, device:
     return wins
 
 
-def print_breakdown(breakdown: Dict[str, Any], mixup_s: float, args: argparse.Namespace) -> None:
-    print(f"\nper image in this process (median of {args.repeats} passes over {breakdown['images']} images):")
-    for name, ms in breakdown["steps_ms"].items():
-        print(f"  {name:<36} {ms:8.3f} ms")
-    print(f"  {'decode (or generate) only':<36} {breakdown['decode_img_per_s']:8.0f} img/s per core")
-    print(f"  {'decode + full transform':<36} {breakdown['full_img_per_s']:8.0f} img/s per core")
-    print(f"  mixup/CutMix of a batch on {args.device}: {mixup_s * 1e3:.2f} ms "
-          f"({args.batch_size / mixup_s:.0f} img/s)")
-
-
-def print_recommendation(result: Dict[str, Any]) -> None:
-    per_worker, cores = result["per_worker_img_per_s"], result["cores"]
-    print(f"\nper-worker rate {per_worker:.0f} img/s (from {result['per_worker_from']}); assumption: the loader "
-          f"scales linearly with workers up to the {cores} usable cores (one of them also runs the training loop)")
-    scaling = result["scaling_2_workers"]
-    if scaling is not None:
-        verdict = "holds" if scaling >= 0.85 else \
-            "does NOT hold here (shared or busy cores?): the counts below are lower bounds"
-        print(f"check: 2 workers deliver {scaling:.2f} x twice the 1-worker rate: linear scaling {verdict}")
-    for need in result["needs"]:
-        note = "" if need["workers"] < cores else f"  (this machine has {cores} cores, one runs the training loop)"
-        print(f"{need['label']} at {need['train_img_per_s']:g} img/s needs >= {need['workers']} workers{note}")
-        if need["workers_at_2_worker_rate"] is not None and need["workers_at_2_worker_rate"] != need["workers"]:
-            print(f"  (>= {need['workers_at_2_worker_rate']} at the per-worker rate measured with 2 workers)")
-    if not result["needs"]:
-        print("pass --train-img-per-s [LABEL=]IMG_PER_S (train_img_per_s of log.txt, per GPU) for a worker count")
-
-
-def print_wins(wins: Dict[str, Any]) -> None:
-    w = wins["workers"]
-    pw = wins["persistent_workers"]
-    print(f"\ncheap settings at {w} workers (on/off):")
-    print(f"  persistent_workers  first batch of epoch 2: off {pw['off_s'] * 1e3:.0f} ms, on {pw['on_s'] * 1e3:.0f} ms "
-          f"(saves {pw['saved_s'] * 1e3:.0f} ms per epoch start)")
-    for row in wins["prefetch_factor"]:
-        print(f"  prefetch_factor {row['prefetch_factor']:<3} {row['img_per_s']:8.0f} img/s")
-    pin = wins["pin_memory"]
-    if pin is None:
-        print("  pin_memory + non_blocking: n/a (no CUDA device: pinning only speeds up host-to-GPU copies)")
-    else:
-        print(f"  pin_memory + non_blocking: off {pin['off']['img_per_s']:.0f} img/s, "
-              f"on {pin['on']['img_per_s']:.0f} img/s")
-    print("  channels_last: not measured (a model-step setting; see benchmarks/README.md)")
-
-
 def summarise(loader_rows: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str, Any]:
     """Per-worker rate, the 2-worker linearity check and the workers each training rate needs."""
     by_workers = {row["workers"]: row["img_per_s"] for row in loader_rows}
@@ -443,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     breakdown = per_image_breakdown(raw, transform, len(dataset), args.per_image, args.repeats,
                                     "decode" if args.fake_size is None else "generate (FAKE image)")
     mixup_s = mixup_cost(mixup, args.batch_size, args.input_size, num_classes, device, args.repeats)
-    print_breakdown(breakdown, mixup_s, args)
+    data_report.print_breakdown(breakdown, mixup_s, args)
 
     consume = make_consumer(mixup, device, non_blocking=False)
     print(f"\nloader (shuffled, drop_last, mixup/CutMix in the loop; median of {args.repeats} interleaved runs, "
@@ -454,11 +410,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {w:>2} workers {row['img_per_s']:8.0f} img/s   first batch {row['first_batch_s'] * 1e3:6.0f} ms   "
               f"runs {' '.join(f'{r:.0f}' for r in row['img_per_s_runs'])}", flush=True)
     result = summarise(loader_rows, args)
-    print_recommendation(result)
+    data_report.print_recommendation(result)
 
     wins = None if args.no_wins else measure_wins(dataset, args, mixup, device)
     if wins is not None:
-        print_wins(wins)
+        data_report.print_wins(wins)
     if args.json:
         print(json.dumps({"data": source, "images": len(dataset), "classes": num_classes,
                           "input_size": args.input_size, "batch_size": args.batch_size, "aa": args.aa,

@@ -24,7 +24,9 @@ Two details make the count reproduce the paper to three digits:
 * thop looks rules up by *exact* module type. Recent timm wraps ``nn.LayerNorm`` in a subclass
   (``timm.layers.LayerNorm``) that thop would silently count as zero; the timm of the paper's time used
   plain ``nn.LayerNorm``. Leaf modules whose class derives from a thop-registered class get that class's
-  own thop rule, which gives Table 8's 2.51/2.58/2.65/2.71e3 exactly (0.4% low otherwise).
+  own thop rule, which gives Table 8's 2.51/2.58/2.65/2.71e3 exactly (0.4% low otherwise). torchvision's
+  ``nn.MultiheadAttention`` calls its projections functionally; a rule counts them, so a torchvision ViT
+  counts as the timm ViT of the same size. Both details live in :mod:`toe.thop_count`.
 
 Everything is counted on a deep copy (or on the fresh model a factory returns), so the caller's model never
 carries thop buffers or hooks, and thop's console output is suppressed. The paper's printed values come from
@@ -40,14 +42,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import io
-import sys
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import thop_count
 from .curriculum import Curriculum
 from .families import resolve
 from .patch import unwrap_model
@@ -62,61 +62,9 @@ ModelLike = Union[str, nn.Module, Callable[[], nn.Module]]
 PASSES_PER_ITERATION = 3
 
 
-def _thop():
-    """Import thop quietly (it imports distutils' deprecated LooseVersion at import time)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import thop
-    # `thop.profile` the attribute is the function; the module holding the rule table is in sys.modules.
-    return thop, sys.modules["thop.profile"].register_hooks
-
-
 def macs_to_gflops(macs: float, batch_size: int = 1024) -> float:
     """thop forward MACs of one image -> the paper's GFLOPs per training iteration of ``batch_size`` images."""
     return macs * PASSES_PER_ITERATION * batch_size / 1e9
-
-
-class _KeepMode(nn.Module):
-    """Container for thop: ``thop.profile`` calls ``.eval()`` (and later ``.train(prev)``) on what it
-    profiles; this wrapper ignores both, so the wrapped model is counted in its own mode (ToE runs only
-    while training)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def train(self, mode: bool = True) -> "_KeepMode":
-        return self
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.model(x)
-
-
-def _multihead_attention_rule(module: nn.MultiheadAttention, inputs: tuple, output: Any) -> None:
-    """MACs of ``nn.MultiheadAttention``'s four projections (torchvision's ViT): what thop counts for timm's
-    ``qkv`` and ``proj`` Linear layers. thop has no rule for the module, and its in-projection is a functional
-    call, so without this the q, k, v projections would count zero. Attention products count zero, as for timm."""
-    query, key, value = inputs[:3]
-    width = module.embed_dim
-    tokens = query.numel() // query.shape[-1]
-    keys, values = key.numel() // key.shape[-1], value.numel() // value.shape[-1]
-    macs = tokens * width * width * 2 + keys * module.kdim * width + values * module.vdim * width
-    module.total_ops += torch.DoubleTensor([float(macs)])
-
-
-def _subclass_rules(model: nn.Module, register_hooks: Dict[type, Any]) -> Dict[type, Any]:
-    """thop rules for leaf module classes that derive from a class thop knows (e.g. timm's LayerNorm), and for
-    ``nn.MultiheadAttention`` (its out-projection child is counted by this rule, not separately)."""
-    rules: Dict[type, Any] = {nn.MultiheadAttention: _multihead_attention_rule}
-    for module in model.modules():
-        cls = type(module)
-        if cls in register_hooks or cls in rules or next(module.children(), None) is not None:
-            continue
-        for base, rule in register_hooks.items():
-            if base is not nn.Sequential and isinstance(module, base):
-                rules[cls] = rule
-                break
-    return rules
 
 
 def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -148,42 +96,6 @@ def _probe_input(model: nn.Module, shape: Tuple[int, int, int]) -> torch.Tensor:
     return torch.randn((1,) + tuple(shape), device=device, dtype=dtype)
 
 
-def _profile(model: nn.Module, x: torch.Tensor, token_block: Optional[nn.Module] = None
-             ) -> Tuple[float, Optional[int], Optional[int]]:
-    """thop MACs of ``model(x)`` in the model's current mode, plus the token counts of ``token_block``:
-    what reached it (before any forward pre-hook, such as ToE's) and what it really processed.
-    ``model`` must be a private copy: thop adds (and removes) buffers and hooks on it."""
-    thop, register_hooks = _thop()
-    entering: List[int] = []
-    processed: List[int] = []
-
-    def record_input(block: nn.Module, args: tuple) -> None:
-        if args and torch.is_tensor(args[0]) and args[0].dim() == 3:
-            entering.append(int(args[0].shape[1]))
-
-    def record_output(block: nn.Module, args: tuple, output: Any) -> None:
-        # A block's output has as many tokens as the input it really ran on (after ToE's pre-hook).
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if torch.is_tensor(out) and out.dim() == 3:
-            processed.append(int(out.shape[1]))
-
-    handles = []
-    if token_block is not None:
-        # prepend: seen before ToE's own pre-hook replaces the tokens
-        handles.append(token_block.register_forward_pre_hook(record_input, prepend=True))
-        handles.append(token_block.register_forward_hook(record_output))
-    try:
-        sink = io.StringIO()
-        with torch.no_grad(), contextlib.redirect_stdout(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            macs, _ = thop.profile(_KeepMode(model), inputs=(x,), custom_ops=_subclass_rules(model, register_hooks),
-                                   verbose=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return float(macs), (entering[0] if entering else None), (processed[0] if processed else None)
-
-
 @contextlib.contextmanager
 def one_thread():
     """Run with one intra-op thread, restoring the caller's setting. Counting pushes one image through the
@@ -207,7 +119,7 @@ def forward_macs(model: nn.Module, *, img_size: Optional[Union[int, Sequence[int
     with one_thread():
         work = copy.deepcopy(unwrap_model(model))
         work.train(train)
-        macs, _, _ = _profile(work, _probe_input(work, input_shape(work, img_size)))
+        macs, _, _ = thop_count.profile(work, _probe_input(work, input_shape(work, img_size)))
     return macs
 
 
@@ -344,7 +256,7 @@ def _count(work: nn.Module, name: str, x: torch.Tensor, layer: int, schedule: An
     if epoch is not None:
         toe.set_epoch(work, epoch)
     try:
-        macs, entering, tokens = _profile(work, x, blocks[layer])
+        macs, entering, tokens = thop_count.profile(work, x, blocks[layer])
     except (RuntimeError, AssertionError) as err:
         if not resized:
             raise
