@@ -35,12 +35,13 @@ class Family:
         return None
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        """The sequence of transformer blocks, in forward order."""
-        raise NotImplementedError  # abstract: every registered family defines it
+        """The sequence of transformer blocks, in forward order (default: timm's ``model.blocks``)."""
+        return model.blocks
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        """P: tokens (class, distillation, registers) that lead the sequence and are always kept."""
-        raise NotImplementedError  # abstract: every registered family defines it
+        """P: tokens (class, distillation, registers) that lead the sequence and are always kept
+        (default: timm's ``model.num_prefix_tokens``)."""
+        return int(model.num_prefix_tokens)
 
     def read_hidden(self, args: tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
         """The hidden states [B, N, C] a block is called with, positional or by keyword."""

@@ -10,7 +10,7 @@ attention both call it). A merged token keeps the position of the token it was m
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
@@ -42,12 +42,6 @@ class TimmBeit(Family):
         if int(model.num_prefix_tokens) != 1:
             return f"its relative position bias assumes one class token, the model has {model.num_prefix_tokens}"
         return None
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.blocks
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return int(model.num_prefix_tokens)
 
     def attach_side_inputs(self, model: nn.Module, layer: int, state: Any) -> List[Any]:
         hooks: List[Any] = attach_gathers(model.blocks, layer, state, pairs=("shared_rel_pos_bias",))

@@ -12,7 +12,7 @@ over the kept tokens too.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 from torch import nn
 
@@ -42,12 +42,6 @@ class TimmEva(Family):
                 return (f"block {i} applies rotary embeddings after {attn_prefix} prefix tokens, the model has "
                         f"{prefix}")
         return None
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.blocks
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return int(model.num_prefix_tokens)
 
     def attach_side_inputs(self, model: nn.Module, layer: int, state: Any) -> List[Any]:
         return attach_gathers(model.blocks, layer, state, rows=("rope",), pairs=("attn_mask",))

@@ -11,7 +11,7 @@ reads after the blocks.
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 from torch import nn
 
@@ -67,12 +67,6 @@ class TimmViT(Family):
         if relative:
             return f"its attention uses relative position terms indexed by the patch grid ({relative[0]})"
         return None
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.blocks
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return int(model.num_prefix_tokens)
 
     def attach_side_inputs(self, model: nn.Module, layer: int, state: Any) -> List[Any]:
         takes_mask = [b for b in list(model.blocks)[layer:]
