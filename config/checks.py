@@ -281,7 +281,7 @@ def check_against_model(model_cfg: Any, toe_cfg: Any, token_label: Any, num_clas
     embed = getattr(model, "patch_embed", None)
     grid = tuple(getattr(embed, "grid_size", ()) or ())
     if toe_cfg is not None:
-        _check_toe_on(model, toe_cfg, grid)
+        _check_toe_on(model, toe_cfg, grid, model_cfg.name)
     if token_label is not None and grid and grid != (token_label.label_size, token_label.label_size):
         raise UsageError(f"--token-label-size {token_label.label_size} does not match the patch grid "
                          f"{grid[0]}x{grid[1]} of {model_cfg.name} at --input-size {model_cfg.input_size}")
@@ -292,12 +292,14 @@ def check_against_model(model_cfg: Any, toe_cfg: Any, token_label: Any, num_clas
     return patch
 
 
-def _check_toe_on(model: Any, toe_cfg: Any, grid: tuple) -> None:
+def _check_toe_on(model: Any, toe_cfg: Any, grid: tuple, model_name: str) -> None:
     import toe
 
     try:
         toe.apply(model, toe_cfg.schedule, **toe_cfg.apply_kwargs())
     except ValueError as e:
+        if str(e).startswith("ToE cannot patch"):  # the model, not a --toe-* value, is the problem
+            raise UsageError(f"--model {model_name}: {e}; it trains without --toe-r1") from None
         raise UsageError(f"--toe-layer/--toe-*: {e}") from None
     if not grid:
         return

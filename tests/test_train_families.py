@@ -34,4 +34,5 @@ def test_main_refuses_a_timm_model_toe_cannot_patch(tmp_path):
     code, out, err = main_inprocess(args)
     assert code == 2
     assert "error:" in err and "ToE cannot patch VisionTransformerRelPos" in err
+    assert "--model test_vit_relpos: " in err and "--toe-layer" not in err and err.count("\n") == 1
     assert not out_dir.exists()
