@@ -345,3 +345,31 @@ def test_compiled_equals_eager_one_graph_per_stage(key):
     toe.set_epoch(model, LAST_EPOCH)
     torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["stats"])
+
+
+@pytest.mark.parametrize("key", ["eva02", "both-biases"])
+def test_ddp_wrapper_trains_like_the_patched_model(key, tmp_path):
+    """DistributedDataParallel (gloo, one process): toe.apply / set_epoch through the wrapper; the training
+    step's output and every gradient equal those of the same model patched without the wrapper."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, plain = patched_and_plain(key)
+    x = image()
+    seeded(model, x).square().sum().backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(plain.train())
+        toe.apply(ddp, SCHEDULE)
+        toe.set_epoch(ddp, 0)
+        out = seeded(ddp, x)
+        out.square().sum().backward()
+        assert toe.last_index(ddp).shape[1] == plain.num_prefix_tokens + 32
+        torch.testing.assert_close(out, seeded(model, x), rtol=0, atol=0)
+        grads = dict(model.named_parameters())
+        for name, p in plain.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+        toe.set_epoch(ddp, LAST_EPOCH)
+        assert toe.current_rates(ddp) == SCHEDULE.rates(2)
+    finally:
+        dist.destroy_process_group()
