@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .families import Family, SideInputHook, resolve
+from .families.timm_vit import TimmViT
 from .families.base import MethodOverride
 from .ops import check_options, token_expansion
 from .schedule import Schedule
@@ -36,7 +37,7 @@ class ToEHook:
                  expand: bool, merge: bool, sparse_eval: bool, compat: str = "none",
                  family: Optional[Family] = None) -> None:
         self.schedule = schedule
-        self.family = family if family is not None else Family()
+        self.family = family if family is not None else TimmViT()  # timm's layout, as before families
         self.layer = layer
         self.num_prefix_tokens = num_prefix_tokens
         self.distance = distance

@@ -6,13 +6,14 @@ A family is one small subclass of :class:`Family` in its own module; :mod:`toe.f
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 
-class Family:
+class Family(ABC):
     """Adapter between one family of ViT implementations and :func:`toe.apply`.
 
     Subclasses set ``name`` / ``description`` and override :meth:`matches`, :meth:`blocks` and
@@ -26,9 +27,9 @@ class Family:
     #: keyword under which a block receives its hidden states [B, N, C] when they are not positional
     hidden_keyword: str = "x"
 
+    @abstractmethod
     def matches(self, model: nn.Module) -> bool:
         """Whether ``model`` (already unwrapped) belongs to this family, judged by structure."""
-        raise NotImplementedError  # abstract: every registered family defines it
 
     def refusal(self, model: nn.Module) -> Optional[str]:
         """Why a model of this family cannot be patched exactly (None when it can)."""
@@ -68,7 +69,7 @@ class Family:
         return []
 
 
-class SideInputHook:
+class SideInputHook(ABC):
     """Base of the extra forward pre-hooks a family registers (found and removed by :func:`toe.remove`).
 
     Registered ``with_kwargs=True``: called as ``hook(module, args, kwargs)``, returns ``(args, kwargs)``
@@ -78,8 +79,9 @@ class SideInputHook:
     def __init__(self, state: Any) -> None:
         self.state = state
 
+    @abstractmethod
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
-        raise NotImplementedError  # abstract: subclasses define what they rewrite
+        """The rewritten ``(args, kwargs)`` of ``module``'s call, or None to leave them."""
 
 
 def has_int(model: nn.Module, attribute: str) -> bool:
